@@ -1,0 +1,339 @@
+"""``SimDevice``: the vDPA device operations implemented once, for every simulated device type.
+
+Device types (net.py, blk.py) add only what is theirs: features, config space, queue count and the
+queue handler that runs their compiled kernel. Everything the spec says about the device life cycle
+lives here, so every door (vhost-user, vhost-vdpa, VDUSE) gets the same behaviour:
+
+* status: only additions or a write of 0 (reset); FEATURES_OK is kept only when the driver's
+  features pass ``check_driver_features``; DRIVER_OK starts the data path; a guest that breaks the
+  virtqueue contract sets NEEDS_RESET (the device stops and says why, other devices carry on);
+* features: the driver's are proposed until FEATURES_OK is accepted, and frozen after;
+* config: reads of any range inside the config space, a generation counter bumped on every change,
+  and the config-change callback;
+* queues: size, addresses, state and readiness; ring areas are translated when the queue starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+from typing import ClassVar
+
+from ..errors import DeviceFault, DeviceRequestError
+from ..memory import RegionTable
+from ..ops import Call, IovaRange, RingAddressSpace
+from ..rings.state import VqState
+from ..runner import DataPath, signal
+from ..virtio.constants import (
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTQ_MAX_SIZE,
+)
+from ..virtio.features import check_driver_features, feature_names
+from ..virtio.status import status_change_error, status_names
+from ..virtqueue import Virtqueue
+
+__all__ = ["SimDevice"]
+
+_IOVA_ALL = IovaRange(0, (1 << 63) - 1)
+
+
+class SimDevice:
+    """Base class of the simulated devices; subclasses set ``device_id`` and override the hooks below."""
+
+    device_id: ClassVar[int] = 0
+    vendor_id: ClassVar[int] = 0
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        features: int,
+        num_queues: int,
+        max_queue_size: int = VIRTQ_MAX_SIZE,
+        busy_poll: bool = False,
+    ) -> None:
+        self.name = name
+        self.log = logging.getLogger(f"vdpasim.device.{name}")
+        self.device_features = features
+        self.max_queue_size = max_queue_size
+        self.vqs = [Virtqueue(i, max_queue_size) for i in range(num_queues)]
+        self.memory: RegionTable | None = None
+        self.ring_space = RingAddressSpace.GUEST
+        self.fault: DeviceFault | None = None
+        self._status = 0
+        self._driver_features = 0
+        self._generation = 0
+        self._config_call: Call = None
+        self._calls: list[Call] = [None] * num_queues
+        self._kicks: list[int | None] = [None] * num_queues
+        self._own_kicks: dict[int, int] = {}  # eventfds we made for kick_vq when none was given
+        self._lock = threading.RLock()
+        self.datapath = DataPath(self, busy_poll=busy_poll)
+
+    # ----- hooks for device types -----
+    def config_space(self) -> bytes:
+        """The whole config space as the driver reads it."""
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        raise DeviceRequestError(f"{self.name}: config space is read-only", errno=errno.EPERM)
+
+    def on_features(self, features: int) -> None:
+        """FEATURES_OK accepted ``features``."""
+
+    def on_reset(self) -> None:
+        """The device was reset: clear device-type state (filters, counters stay)."""
+
+    def process(self, idx: int) -> bool:
+        """Run the kernel for queue ``idx`` (data-path thread). True if work may remain."""
+        return False
+
+    # ----- virtqueue operations -----
+    def _vq(self, idx: int) -> Virtqueue:
+        if not 0 <= idx < len(self.vqs):
+            raise DeviceRequestError(
+                f"{self.name}: no virtqueue {idx} (the device has {len(self.vqs)})", errno=errno.ENOBUFS
+            )
+        return self.vqs[idx]
+
+    def set_vq_num(self, idx: int, num: int) -> None:
+        with self._lock, self.datapath.paused():
+            self._vq(idx).set_num(num)
+
+    def set_vq_address(self, idx: int, desc: int, driver: int, device: int) -> None:
+        with self._lock, self.datapath.paused():
+            vq = self._vq(idx)
+            vq.set_address(desc, driver, device)
+            if vq.ready and self.driver_ok:
+                self._start_queue(vq)
+
+    def set_vq_state(self, idx: int, state: VqState) -> None:
+        with self._lock, self.datapath.paused():
+            self._vq(idx).set_state(state)
+
+    def get_vq_state(self, idx: int) -> VqState:
+        with self._lock, self.datapath.paused():
+            return self._vq(idx).get_state()
+
+    def set_vq_ready(self, idx: int, ready: bool) -> None:
+        with self._lock, self.datapath.paused():
+            vq = self._vq(idx)
+            vq.ready = ready
+            if ready and self.driver_ok:
+                self._start_queue(vq)
+            elif not ready:
+                vq.detach()
+
+    def get_vq_ready(self, idx: int) -> bool:
+        return self._vq(idx).ready
+
+    def set_vq_kick(self, idx: int, fd: int | None) -> None:
+        with self._lock, self.datapath.paused():
+            self._vq(idx)
+            self._kicks[idx] = fd
+
+    def kick_vq(self, idx: int) -> None:
+        self._vq(idx).record["kicks"] += 1
+        fd = self._kicks[idx]
+        if fd is None:
+            fd = self._own_kick(idx)
+        os.eventfd_write(fd, 1)
+
+    def set_vq_call(self, idx: int, call: Call) -> None:
+        self._vq(idx)
+        self._calls[idx] = call
+
+    def get_vq_num_max(self) -> int:
+        return self.max_queue_size
+
+    def get_vq_num_min(self) -> int:
+        return 1
+
+    def get_vq_count(self) -> int:
+        return len(self.vqs)
+
+    # ----- device operations -----
+    def get_device_id(self) -> int:
+        return self.device_id
+
+    def get_vendor_id(self) -> int:
+        return self.vendor_id
+
+    def get_device_features(self) -> int:
+        return self.device_features
+
+    def set_driver_features(self, features: int) -> None:
+        with self._lock:
+            if self._status & VIRTIO_CONFIG_S_FEATURES_OK:
+                raise DeviceRequestError(f"{self.name}: driver features are frozen once FEATURES_OK is set")
+            self._driver_features = features
+
+    def get_driver_features(self) -> int:
+        return self._driver_features
+
+    @property
+    def driver_ok(self) -> bool:
+        return bool(self._status & VIRTIO_CONFIG_S_DRIVER_OK) and not self._status & VIRTIO_CONFIG_S_NEEDS_RESET
+
+    def get_status(self) -> int:
+        return self._status
+
+    def set_status(self, status: int) -> None:
+        with self._lock:
+            if status == 0:
+                self.reset()
+                return
+            reason = status_change_error(self._status, status)
+            if reason:
+                raise DeviceRequestError(f"{self.name}: {reason}")
+            old = self._status
+            status = status & ~VIRTIO_CONFIG_S_NEEDS_RESET | old & VIRTIO_CONFIG_S_NEEDS_RESET
+            added = status & ~old
+            if added & VIRTIO_CONFIG_S_FEATURES_OK:
+                refusal = check_driver_features(self._driver_features, self.device_features, self.device_id)
+                if refusal:
+                    # The driver reads the status back and sees FEATURES_OK missing (§3.1.1 step 6).
+                    self.log.warning("refusing driver features: %s", refusal)
+                    status &= ~VIRTIO_CONFIG_S_FEATURES_OK
+                    added &= ~(VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
+                    status &= ~VIRTIO_CONFIG_S_DRIVER_OK
+                else:
+                    for vq in self.vqs:
+                        vq.negotiate(self._driver_features)
+                    self.on_features(self._driver_features)
+                    self.log.info("features %s", ", ".join(feature_names(self._driver_features, self.device_id)))
+            self._status = status
+            if added & VIRTIO_CONFIG_S_DRIVER_OK:
+                self._start()
+            if added & VIRTIO_CONFIG_S_FAILED:
+                self.log.warning("driver gave up on the device (FAILED)")
+                self.datapath.stop()
+            self.log.debug("status %s", status_names(self._status))
+
+    def reset(self) -> None:
+        with self._lock:
+            self.datapath.stop()
+            for vq in self.vqs:
+                vq.reset()
+            self._status = 0
+            self._driver_features = 0
+            self._calls = [None] * len(self.vqs)
+            self._kicks = [None] * len(self.vqs)
+            self.fault = None
+            self.on_reset()
+
+    def get_config_size(self) -> int:
+        return len(self.config_space())
+
+    def get_config(self, offset: int, length: int) -> bytes:
+        config = self.config_space()
+        if offset < 0 or length < 0 or offset + length > len(config):
+            raise DeviceRequestError(
+                f"{self.name}: config read {offset}+{length} is outside the {len(config)}-byte config space"
+            )
+        return config[offset : offset + length]
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            size = self.get_config_size()
+            if offset < 0 or offset + len(data) > size:
+                raise DeviceRequestError(
+                    f"{self.name}: config write {offset}+{len(data)} is outside the {size}-byte config space"
+                )
+            self.write_config(offset, data)
+
+    def get_generation(self) -> int:
+        return self._generation
+
+    def config_changed(self) -> None:
+        """A config field changed: bump the generation and tell the driver."""
+        self._generation = (self._generation + 1) & 0xFFFFFFFF
+        signal(self._config_call)
+
+    def set_config_cb(self, call: Call) -> None:
+        self._config_call = call
+
+    def get_iova_range(self) -> IovaRange:
+        return _IOVA_ALL
+
+    def suspend(self) -> None:
+        self.datapath.pause()
+
+    def resume(self) -> None:
+        self.datapath.resume()
+
+    # ----- DMA operations -----
+    def set_map(self, table: RegionTable, ring_space: RingAddressSpace = RingAddressSpace.GUEST) -> None:
+        with self._lock, self.datapath.paused():
+            self.memory = table
+            self.ring_space = ring_space
+            for vq in self.vqs:
+                vq.detach()
+                if vq.ready and self.driver_ok:
+                    self._start_queue(vq)
+
+    # ----- data path plumbing -----
+    def active_queues(self) -> list[tuple[int, int]]:
+        with self._lock:
+            if not self.driver_ok:
+                return []
+            return [(vq.index, self._kicks[vq.index] or self._own_kick(vq.index)) for vq in self.vqs if vq.attached]
+
+    def _own_kick(self, idx: int) -> int:
+        if idx not in self._own_kicks:
+            self._own_kicks[idx] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        return self._own_kicks[idx]
+
+    def _start(self) -> None:
+        for vq in self.vqs:
+            if vq.ready:
+                self._start_queue(vq)
+        if self.driver_ok:
+            self.datapath.start()
+
+    def _start_queue(self, vq: Virtqueue) -> None:
+        if self.memory is None:
+            return  # vhost-vdpa sends ring addresses before the IOTLB: start when memory arrives
+        try:
+            vq.attach(self.memory, self.ring_space)
+        except DeviceFault as fault:
+            self.needs_reset(fault)
+        self.datapath.wake()
+
+    def notify(self, idx: int) -> None:
+        """Signal the driver that queue ``idx`` has used buffers."""
+        self.vqs[idx].record["notifications"] += 1
+        signal(self._calls[idx])
+
+    def needs_reset(self, fault: DeviceFault) -> None:
+        """The driver broke the contract: stop serving, set NEEDS_RESET, say why (§2.1.2)."""
+        if self.fault is None:
+            self.fault = fault
+            self.log.error("device needs reset: %s", fault)
+        self._status |= VIRTIO_CONFIG_S_NEEDS_RESET
+        for vq in self.vqs:
+            vq.attached = False
+        self.config_changed()
+
+    def check_queue(self, vq: Virtqueue) -> None:
+        """After a kernel call: turn a recorded ring fault into NEEDS_RESET."""
+        fault = vq.fault()
+        if fault is not None:
+            self.needs_reset(fault)
+
+    def stats(self) -> list[dict[str, int]]:
+        return [vq.counters() for vq in self.vqs]
+
+    def close(self) -> None:
+        self.reset()
+        self.datapath.close()
+        for fd in self._own_kicks.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._own_kicks.clear()

@@ -1,0 +1,189 @@
+"""Packed virtqueue, device side (VIRTIO 1.2 §2.8), compiled.
+
+Layout, little-endian, at the host addresses of the queue record:
+  descriptor ring (q.desc):   struct pvirtq_desc { le64 addr; le32 len; le16 id; le16 flags; } [size]
+  driver area (q.driver):     struct pvirtq_event_suppress { le16 off_wrap; le16 flags; }  (driver -> device)
+  device area (q.device):     struct pvirtq_event_suppress { le16 off_wrap; le16 flags; }  (device -> driver)
+
+A descriptor is available when its AVAIL bit equals the driver's wrap counter and its USED bit does
+not; the device marks a used one by writing both bits equal to its own wrap counter (§2.8.1).
+Functions mirror rings/packed.py one for one and return the same RingStatus codes.
+"""
+
+from __future__ import annotations
+
+from numba import njit
+
+from ..rings.state import RingStatus
+from ..virtio.constants import (
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    VIRTQ_DESC_F_AVAIL,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_USED,
+)
+from .chain import add_buffer, fail
+from .intrinsics import fence_acquire, fence_full, fence_release, load_u16, load_u32, load_u64, store_u16, store_u32
+from .memory import translate
+
+__all__ = [
+    "packed_has_avail",
+    "packed_pop",
+    "packed_push",
+    "packed_needs_notify",
+    "packed_enable_notify",
+    "packed_disable_notify",
+]
+
+_OK = int(RingStatus.OK)
+_EMPTY = int(RingStatus.EMPTY)
+_ADDR = int(RingStatus.ADDR_OUT_OF_RANGE)
+_INDEX = int(RingStatus.INDEX_OUT_OF_RANGE)
+_LOOP = int(RingStatus.CHAIN_LOOP)
+_NESTED = int(RingStatus.NESTED_INDIRECT)
+_WITH_NEXT = int(RingStatus.INDIRECT_WITH_NEXT)
+_INDIRECT_LEN = int(RingStatus.BAD_INDIRECT_LENGTH)
+_NO_INDIRECT = int(RingStatus.INDIRECT_NOT_NEGOTIATED)
+
+_DESC_SIZE = 16
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _is_available(flags, wrap):
+    return (flags & VIRTQ_DESC_F_AVAIL != 0) == wrap and (flags & VIRTQ_DESC_F_USED != 0) != wrap
+
+
+@njit(cache=True, nogil=True)
+def packed_has_avail(q):
+    return _is_available(load_u16(q.desc + _DESC_SIZE * q.last_avail + 14), q.avail_wrap)
+
+
+@njit(cache=True, nogil=True)
+def packed_pop(q, rows, iov):
+    """Take the next available buffer. Returns (status, buffer id, ring descriptors, iov entries, readable)."""
+    position = q.last_avail
+    wrap = q.avail_wrap
+    if not _is_available(load_u16(q.desc + _DESC_SIZE * position + 14), wrap):
+        return _EMPTY, 0, 0, 0, 0
+    fence_acquire()  # the rest of the descriptor only after its flags said it is available
+    n = 0
+    readable = 0
+    total = 0
+    ndesc = 0
+    while True:
+        desc = q.desc + _DESC_SIZE * position
+        addr = load_u64(desc)
+        length = load_u32(desc + 8)
+        buffer_id = load_u16(desc + 12)
+        flags = load_u16(desc + 14)
+        ndesc += 1
+        if ndesc > q.size:
+            return fail(q, _LOOP, position, addr), 0, 0, 0, 0
+        if flags & VIRTQ_DESC_F_INDIRECT:
+            status, n, readable, total = _walk_indirect(q, rows, iov, n, readable, total, addr, length, flags, position)
+            if status != _OK:
+                return status, 0, 0, 0, 0
+        else:
+            status, n, readable, total = add_buffer(q, rows, iov, n, readable, total, addr, length, flags, position)
+            if status != _OK:
+                return status, 0, 0, 0, 0
+        position += 1
+        if position == q.size:
+            position = 0
+            wrap ^= 1
+        if not flags & VIRTQ_DESC_F_NEXT:
+            break
+    # The buffer id travels in the last descriptor of the chain (§2.8.6).
+    if buffer_id >= q.size:
+        return fail(q, _INDEX, buffer_id, addr), 0, 0, 0, 0
+    q.last_avail = position
+    q.avail_wrap = wrap
+    return _OK, buffer_id, ndesc, n, readable
+
+
+@njit(cache=True, nogil=True)
+def _walk_indirect(q, rows, iov, n, readable, total, addr, length, flags, position):
+    """Add the buffers of an indirect table: consecutive descriptors, NEXT ignored (§2.8.19)."""
+    if not q.indirect:
+        return fail(q, _NO_INDIRECT, position, addr), n, readable, total
+    if flags & VIRTQ_DESC_F_NEXT:
+        return fail(q, _WITH_NEXT, position, addr), n, readable, total
+    if length == 0 or length % _DESC_SIZE:
+        return fail(q, _INDIRECT_LEN, position, addr), n, readable, total
+    table = translate(rows, addr, length, False)
+    if table == 0:
+        return fail(q, _ADDR, position, addr), n, readable, total
+    for index in range(length // _DESC_SIZE):
+        desc = table + _DESC_SIZE * index
+        inner_addr = load_u64(desc)
+        inner_flags = load_u16(desc + 14)
+        if inner_flags & VIRTQ_DESC_F_INDIRECT:
+            return fail(q, _NESTED, index, inner_addr), n, readable, total
+        status, n, readable, total = add_buffer(
+            q, rows, iov, n, readable, total, inner_addr, load_u32(desc + 8), inner_flags, index
+        )
+        if status != _OK:
+            return status, n, readable, total
+    return _OK, n, readable, total
+
+
+@njit(cache=True, nogil=True, inline="always")
+def packed_push(q, buffer_id, ndesc, written):
+    """Mark a buffer used: id and length first, then the flags that hand it back (§2.8.9)."""
+    desc = q.desc + _DESC_SIZE * q.used_idx
+    store_u32(desc + 8, written)
+    store_u16(desc + 12, buffer_id)
+    fence_release()
+    store_u16(desc + 14, VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if q.used_wrap else 0)
+    q.used_idx += ndesc
+    if q.used_idx >= q.size:
+        q.used_idx -= q.size
+        q.used_wrap ^= 1
+
+
+@njit(cache=True, nogil=True)
+def packed_needs_notify(q):
+    """Whether to signal the driver, per its event suppression structure (§2.8.10, §2.8.21.3)."""
+    new = q.used_idx | q.used_wrap << 15
+    if q.signalled_valid and q.signalled_used == new:
+        return False
+    fence_full()  # the used flags before reading the driver's suppression structure
+    old = q.signalled_used
+    valid = q.signalled_valid
+    q.signalled_used = new
+    q.signalled_valid = 1
+    flags = load_u16(q.driver + 2) & 3
+    if flags == RING_EVENT_FLAGS_DISABLE:
+        return False
+    if flags != RING_EVENT_FLAGS_DESC or not q.event_idx:
+        return True
+    if not valid:
+        return True
+    # Event offset and positions as unwrapped 16-bit counters, as vhost's packed need_event does.
+    off_wrap = load_u16(q.driver)
+    event = off_wrap & 0x7FFF
+    if off_wrap >> 15 != q.used_wrap:
+        event -= q.size
+    old_idx = old & 0x7FFF
+    if old >> 15 != q.used_wrap:
+        old_idx -= q.size
+    return ((q.used_idx - event - 1) & 0xFFFF) < ((q.used_idx - old_idx) & 0xFFFF)
+
+
+@njit(cache=True, nogil=True)
+def packed_enable_notify(q):
+    """Ask for a kick when more buffers arrive; the caller re-checks packed_has_avail afterwards."""
+    if q.event_idx:
+        store_u16(q.device, q.last_avail | q.avail_wrap << 15)
+        fence_release()
+        store_u16(q.device + 2, RING_EVENT_FLAGS_DESC)
+    else:
+        store_u16(q.device + 2, RING_EVENT_FLAGS_ENABLE)
+    fence_full()
+
+
+@njit(cache=True, nogil=True)
+def packed_disable_notify(q):
+    store_u16(q.device + 2, RING_EVENT_FLAGS_DISABLE)

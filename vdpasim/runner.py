@@ -1,0 +1,164 @@
+"""Data-path threads: wait for kicks (epoll on eventfds) or busy-poll, run the device's kernels, signal calls.
+
+One thread per device. The control plane never touches a queue while a kernel runs: it calls
+``pause()``, which returns once the thread is parked between bursts (kernels only ever leave a
+queue between two chains, so nothing is lost or processed twice), and ``resume()`` afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+__all__ = ["DataPath", "Processor", "signal"]
+
+log = logging.getLogger("vdpasim.runner")
+
+
+class Processor(Protocol):
+    name: str
+
+    def active_queues(self) -> list[tuple[int, int]]:
+        """(queue index, kick fd) of every queue the thread should serve now."""
+
+    def process(self, idx: int) -> bool:
+        """Serve queue ``idx``; True if work may remain (budget exhausted)."""
+
+
+class DataPath:
+    def __init__(self, device: Processor, *, busy_poll: bool = False) -> None:
+        self.device = device
+        self.busy_poll = busy_poll
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._state = threading.Condition()
+        self._pause_requests = 0
+        self._parked = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # --- control side ---
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name=f"vdpasim-dp-{self.device.name}", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        with self._state:
+            self._stopping = True
+            self._state.notify_all()
+        os.eventfd_write(self._wake, 1)
+        if thread is not threading.current_thread():
+            thread.join()
+        self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        os.close(self._wake)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the data path between bursts; nested and cross-thread safe."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
+    def pause(self) -> None:
+        with self._state:
+            self._pause_requests += 1
+            if self._thread is None or self._thread is threading.current_thread():
+                return
+            os.eventfd_write(self._wake, 1)
+            self._state.wait_for(lambda: self._parked or self._thread is None)
+
+    def resume(self) -> None:
+        with self._state:
+            self._pause_requests -= 1
+            self._state.notify_all()
+        os.eventfd_write(self._wake, 1)  # queues may have changed: rebuild the epoll set
+
+    def wake(self) -> None:
+        os.eventfd_write(self._wake, 1)
+
+    # --- thread side ---
+    def _park_if_asked(self) -> bool:
+        """Block while paused; False once stopping."""
+        with self._state:
+            if self._pause_requests and not self._stopping:
+                self._parked = True
+                self._state.notify_all()
+                self._state.wait_for(lambda: not self._pause_requests or self._stopping)
+                self._parked = False
+            return not self._stopping
+
+    def _run(self) -> None:
+        try:
+            while self._park_if_asked():
+                queues = self.device.active_queues()
+                if self.busy_poll:
+                    self._poll_once(queues)
+                else:
+                    self._wait_and_serve(queues)
+        except BaseException as exc:  # a bug in a device must not pass silently
+            self.error = exc
+            log.exception("data path of %s stopped", self.device.name)
+
+    def _serve(self, idx: int) -> None:
+        budget = 64  # bursts per wake-up before giving other queues and the control plane a turn
+        while self.device.process(idx) and budget:
+            budget -= 1
+
+    def _poll_once(self, queues: list[tuple[int, int]]) -> None:
+        for idx, _ in queues:
+            self._serve(idx)
+        _drain(self._wake)
+
+    def _wait_and_serve(self, queues: list[tuple[int, int]]) -> None:
+        poller = select.epoll()
+        try:
+            poller.register(self._wake, select.EPOLLIN)
+            by_fd: dict[int, list[int]] = {}
+            for idx, fd in queues:
+                by_fd.setdefault(fd, []).append(idx)
+            for fd in by_fd:
+                poller.register(fd, select.EPOLLIN)
+            # Serve once at start: kicks may have arrived before the queue was watched.
+            for idx, _ in queues:
+                self._serve(idx)
+            while True:
+                events = poller.poll()
+                for fd, _ in events:
+                    _drain(fd)
+                    if fd == self._wake:
+                        return  # control-plane change: re-read the queue set
+                    for idx in by_fd.get(fd, ()):
+                        self._serve(idx)
+        finally:
+            poller.close()
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError, OSError):
+        os.eventfd_read(fd)
+
+
+def signal(call: int | Callable[[], None] | None) -> None:
+    """Notify the driver: write its call eventfd, or run an in-process callback."""
+    if call is None:
+        return
+    if callable(call):
+        call()
+    else:
+        with contextlib.suppress(OSError):
+            os.eventfd_write(call, 1)
