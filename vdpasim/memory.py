@@ -12,6 +12,7 @@ one row per region: guest base, size, user base, host address of that region's u
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 from collections.abc import Iterable, Sequence
@@ -94,8 +95,8 @@ class RegionTable:
 
     def __init__(self, regions: Iterable[Region] = ()) -> None:
         self.regions: tuple[Region, ...] = tuple(sorted(regions, key=lambda r: r.guest_addr))
-        rows = np.zeros((max(len(self.regions), 1), 5), dtype=np.int64)
-        for row, region in zip(rows, self.regions):
+        rows = np.zeros((len(self.regions), 5), dtype=np.int64)
+        for row, region in zip(rows, self.regions, strict=True):
             row[:] = (
                 region.guest_addr,
                 region.size,
@@ -103,7 +104,7 @@ class RegionTable:
                 region.host_addr,
                 REGION_WRITABLE if region.writable else 0,
             )
-        self.rows = rows[: len(self.regions)]
+        self.rows = rows
         _check_disjoint(self.regions, "guest_addr")
         _check_disjoint([r for r in self.regions if r.user_addr], "user_addr")
 
@@ -143,6 +144,6 @@ class RegionTable:
 
 def _check_disjoint(regions: Sequence[Region], attr: str) -> None:
     spans = sorted((getattr(r, attr), getattr(r, attr) + r.size) for r in regions)
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         if start < end:
             raise UsageError(f"memory regions overlap in {attr} at {start:#x}")

@@ -94,7 +94,7 @@ class Virtqueue:
         user = space is RingAddressSpace.USER
         hosts = []
         for name, addr, length in zip(
-            ("descriptor", "driver", "device"), self.addresses, ring_area_sizes(self.size, self.packed)
+            ("descriptor", "driver", "device"), self.addresses, ring_area_sizes(self.size, self.packed), strict=True
         ):
             host = table.host_addr(addr, length, user=user)
             if host == 0:

@@ -7,10 +7,10 @@ Device-readable rows come first, then device-writable ones (the walk enforces th
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from ..rings.state import MAX_CHAIN, RingStatus
 from ..virtio.constants import VIRTQ_DESC_F_WRITE
+from . import kernel
 from .intrinsics import memcpy, memset
 from .memory import TRANSLATE_READ_ONLY, translate
 
@@ -43,7 +43,7 @@ def new_iov() -> np.ndarray:
     return np.zeros((MAX_CHAIN, 3), dtype=np.int64)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def fail(q, status, index, addr):
     """Record the first fault of a queue (what, which descriptor, which address) and return its status."""
     if q.error == _OK:
@@ -53,7 +53,7 @@ def fail(q, status, index, addr):
     return status
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def add_buffer(q, rows, iov, n, readable, total, addr, length, flags, index):
     """Append one descriptor's buffer to iov. Returns (status, n, readable, total).
 
@@ -80,7 +80,7 @@ def add_buffer(q, rows, iov, n, readable, total, addr, length, flags, index):
     return _OK, n + 1, readable + (0 if writable else 1), total
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def iov_length(iov, first, last):
     total = 0
     for i in range(first, last):
@@ -88,7 +88,7 @@ def iov_length(iov, first, last):
     return total
 
 
-@njit(cache=True, nogil=True)
+@kernel(inline=True)
 def iov_gather(iov, first, last, skip, dst, length):
     """Copy up to ``length`` bytes of iov rows [first, last), from byte ``skip`` on, to host address dst."""
     copied = 0
@@ -106,7 +106,7 @@ def iov_gather(iov, first, last, skip, dst, length):
     return copied
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def iov_scatter(iov, first, last, skip, src, length):
     """Copy up to ``length`` bytes from host address src into iov rows [first, last) from byte ``skip`` on."""
     copied = 0
@@ -124,7 +124,7 @@ def iov_scatter(iov, first, last, skip, src, length):
     return copied
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def iov_fill(iov, first, last, skip, byte, length):
     """Set up to ``length`` bytes of iov rows [first, last), from byte ``skip`` on, to ``byte``."""
     done = 0
@@ -142,7 +142,7 @@ def iov_fill(iov, first, last, skip, byte, length):
     return done
 
 
-@njit(cache=True, nogil=True)
+@kernel(inline=True)
 def iov_copy(dst, dst_first, dst_last, dst_skip, src, src_first, src_last, src_skip, length):
     """Copy up to ``length`` bytes between two iov ranges, each from a byte offset; returns bytes copied."""
     copied = 0

@@ -29,7 +29,6 @@ __all__ = [
     "fence_acquire",
     "fence_release",
     "fence_full",
-    "pointer_to_bytes",
 ]
 
 
@@ -70,7 +69,7 @@ def memcpy(typingctx, dst, src, length):
 
     def codegen(context, builder, signature, args):
         byte_ptr = ir.IntType(8).as_pointer()
-        d, s, n = (context.cast(builder, v, t, types.int64) for v, t in zip(args, signature.args))
+        d, s, n = (context.cast(builder, v, t, types.int64) for v, t in zip(args, signature.args, strict=True))
         cgutils.raw_memcpy(builder, builder.inttoptr(d, byte_ptr), builder.inttoptr(s, byte_ptr), n, 1)
         return context.get_dummy_value()
 
@@ -80,7 +79,7 @@ def memcpy(typingctx, dst, src, length):
 @intrinsic
 def memset(typingctx, dst, byte, length):
     def codegen(context, builder, signature, args):
-        d, v, n = (context.cast(builder, x, t, types.int64) for x, t in zip(args, signature.args))
+        d, v, n = (context.cast(builder, x, t, types.int64) for x, t in zip(args, signature.args, strict=True))
         ptr = builder.inttoptr(d, ir.IntType(8).as_pointer())
         cgutils.memset(builder, ptr, n, builder.trunc(v, ir.IntType(8)))
         return context.get_dummy_value()
@@ -106,26 +105,3 @@ fence_acquire = _make_fence("acquire")
 fence_release = _make_fence("release")
 # full: order a store before a later load, for event-index checks (virtio_mb).
 fence_full = _make_fence("seq_cst")
-
-
-@intrinsic
-def pointer_to_bytes(typingctx, addr, length):
-    """A uint8 array view of [addr, addr+length) for code that reads packets or requests as arrays."""
-    array_type = types.Array(types.uint8, 1, "C")
-
-    def codegen(context, builder, signature, args):
-        addr_value, length_value = (context.cast(builder, v, t, types.int64) for v, t in zip(args, signature.args))
-        array = context.make_array(array_type)(context, builder)
-        data = builder.inttoptr(addr_value, ir.IntType(8).as_pointer())
-        itemsize = context.get_constant(types.intp, 1)
-        context.populate_array(
-            array,
-            data=data,
-            shape=cgutils.pack_array(builder, [length_value]),
-            strides=cgutils.pack_array(builder, [itemsize]),
-            itemsize=itemsize,
-            meminfo=None,
-        )
-        return array._getvalue()
-
-    return array_type(addr, length), codegen

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from numba import njit
-
 from ..memory import FLAGS, GUEST, HOST, REGION_WRITABLE, SIZE
+from . import kernel
 
 __all__ = ["translate", "TRANSLATE_READ_ONLY"]
 
@@ -12,7 +11,7 @@ __all__ = ["translate", "TRANSLATE_READ_ONLY"]
 TRANSLATE_READ_ONLY = -1
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def translate(rows, addr, length, writable):
     """Host address of guest range [addr, addr+length), or 0 when no region holds it whole.
 

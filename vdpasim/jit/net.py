@@ -13,11 +13,11 @@ would, so a guest can ping it; anything else the guest sends is consumed and cou
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from ..rings.state import RingStatus
-from .chain import iov_copy, iov_gather, iov_length, iov_scatter
-from .intrinsics import load_u8, memset, store_u8, store_u16
+from . import kernel
+from .chain import iov_copy, iov_fill, iov_gather, iov_length
+from .intrinsics import load_u8, memset, store_u8
 from .vq import vq_needs_notify, vq_pop, vq_publish, vq_push
 
 __all__ = [
@@ -32,7 +32,7 @@ __all__ = [
 MODE_LOOPBACK, MODE_RESPONDER = 0, 1
 
 # Layout of the int64 parameter array the control plane fills (devices/net.py).
-P_HDR_LEN, P_MERGEABLE, P_MODE, P_PROMISC, P_PEER_IP, P_PEER_MAC, P_MAC_COUNT = range(7)
+P_HDR_LEN, P_MERGEABLE, P_MODE, P_PROMISC, P_PEER_IP, P_PEER_MAC, P_MAC_COUNT, P_ALLMULTI = range(8)
 P_MAC_TABLE = 8  # MAC addresses as 48-bit integers (network order), the device MAC first
 MAC_TABLE_SIZE = 64
 NET_PARAMS = P_MAC_TABLE + MAC_TABLE_SIZE
@@ -44,16 +44,19 @@ _EMPTY = int(RingStatus.EMPTY)
 _NO_BUFFER = int(RingStatus.NO_BUFFER)
 
 _ETH_HLEN = 14
+_BROADCAST = 0xFFFFFFFFFFFF
 _ETH_P_ARP = 0x0806
 _ETH_P_IP = 0x0800
 _IPPROTO_ICMP = 1
 
 
 def new_net_params() -> np.ndarray:
-    return np.zeros(NET_PARAMS, dtype=np.int64)
+    params = np.zeros(NET_PARAMS, dtype=np.int64)
+    params[P_ALLMULTI] = 1  # vdpa_sim_net passes every multicast frame; CTRL_RX ALLMULTI off makes the table count
+    return params
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def _mac_at(addr):
     """48-bit MAC at a host address, most significant byte first."""
     value = 0
@@ -62,18 +65,20 @@ def _mac_at(addr):
     return value
 
 
-@njit(cache=True, nogil=True)
+@kernel(inline=True)
 def _accepts(params, dest):
-    """The receive filter of vdpa_sim_net, plus promiscuous mode and the MAC table."""
-    if params[P_PROMISC] or dest >> 40 & 1:  # group bit: broadcast and multicast
+    """The receive filter of vdpa_sim_net, plus promiscuous mode, all-multicast and the MAC table."""
+    if params[P_PROMISC] or dest == _BROADCAST:
         return True
-    for i in range(params[P_MAC_COUNT]):
+    if dest >> 40 & 1 and params[P_ALLMULTI]:  # group bit: multicast
+        return True
+    for i in range(params[P_MAC_COUNT]):  # noqa: SIM110 - compiled code: no generators
         if params[P_MAC_TABLE + i] == dest:
             return True
     return False
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def net_tx_burst(txq_state, rxq_state, rows, iov_tx, iov_rx, scratch, params, budget):
     """Move up to ``budget`` TX frames. Returns (status, TX chains consumed, notify TX, notify RX)."""
     txq = txq_state[0]
@@ -84,7 +89,7 @@ def net_tx_burst(txq_state, rxq_state, rows, iov_tx, iov_rx, scratch, params, bu
     done = 0
     rx_pushed = 0
     while done < budget:
-        status, head, ndesc, n, readable = vq_pop(txq, rows, iov_tx)
+        status, head, ndesc, _, readable = vq_pop(txq, rows, iov_tx)
         if status != _OK:
             break
         done += 1
@@ -131,7 +136,7 @@ def net_tx_burst(txq_state, rxq_state, rows, iov_tx, iov_rx, scratch, params, bu
     return status, done, notify_tx, notify_rx
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def _scratch_as_iov(scratch_addr, length, iov_tx):
     """Describe the scratch reply as a one-row iov, reusing the last row of the TX iov array."""
     last = iov_tx.shape[0] - 1
@@ -141,14 +146,15 @@ def _scratch_as_iov(scratch_addr, length, iov_tx):
     return iov_tx, last, last + 1, 0, length
 
 
-@njit(cache=True, nogil=True)
+@kernel(inline=True)
 def _receive(rxq, rows, iov_rx, src, src_first, src_last, src_skip, length, params):
     """Deliver one frame into RX buffers, merging several when MRG_RXBUF is on. Returns (status, buffers)."""
     hdr_len = params[P_HDR_LEN]
     mergeable = params[P_MERGEABLE]
     offset = 0  # frame bytes delivered so far
     buffers = 0
-    first_hdr = 0
+    num_buffers_lo = 0  # host addresses of the header's num_buffers bytes (the header may span rows)
+    num_buffers_hi = 0
     while True:
         status, head, ndesc, n, readable = vq_pop(rxq, rows, iov_rx)
         if status != _OK:
@@ -166,7 +172,9 @@ def _receive(rxq, rows, iov_rx, src, src_first, src_last, src_skip, length, para
             return _OK, buffers
         if buffers == 0:
             # A fresh header: no offloads are offered, so only num_buffers (v1 header) carries data.
-            first_hdr = iov_rx[readable, 0]
+            if hdr_len >= 12:
+                num_buffers_lo = _byte_address(iov_rx, readable, n, 10)
+                num_buffers_hi = _byte_address(iov_rx, readable, n, 11)
             _zero_header(iov_rx, readable, n, hdr_len)
         chunk = iov_copy(iov_rx, readable, n, hdr_here, src, src_first, src_last, src_skip + offset, length - offset)
         offset += chunk
@@ -177,24 +185,34 @@ def _receive(rxq, rows, iov_rx, src, src_first, src_last, src_skip, length, para
         if not mergeable:
             rxq.errors += 1  # frame larger than the buffer: truncated, as vdpa_sim_net does
             break
-    if hdr_len >= 12 and iov_rx.shape[0] > 0:
-        store_u16(first_hdr + 10, buffers)
+    if hdr_len >= 12:
+        store_u8(num_buffers_lo, buffers)
+        store_u8(num_buffers_hi, buffers >> 8)
     rxq.packets += 1
     rxq.bytes += offset
     return _OK, buffers
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
+def _byte_address(iov, first, last, offset):
+    """Host address of byte ``offset`` of iov rows [first, last); the caller checked they hold it."""
+    for i in range(first, last):
+        if offset < iov[i, 1]:
+            return iov[i, 0] + offset
+        offset -= iov[i, 1]
+    return 0
+
+
+@kernel(inline=True)
 def _zero_header(iov_rx, first, last, hdr_len):
-    # The header usually sits in the first writable buffer; fall back to a scatter when split.
+    # The header usually sits in the first writable buffer; fill across rows when it is split.
     if iov_rx[first, 1] >= hdr_len:
         memset(iov_rx[first, 0], 0, hdr_len)
     else:
-        zeros = np.zeros(16, dtype=np.uint8)
-        iov_scatter(iov_rx, first, last, 0, zeros.ctypes.data, hdr_len)
+        iov_fill(iov_rx, first, last, 0, 0, hdr_len)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _checksum(addr, length):
     """The Internet checksum (RFC 1071) of [addr, addr+length)."""
     total = 0
@@ -207,24 +225,24 @@ def _checksum(addr, length):
     return ~total & 0xFFFF
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def _be16(addr):
     return load_u8(addr) << 8 | load_u8(addr + 1)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def _put_be16(addr, value):
     store_u8(addr, value >> 8)
     store_u8(addr + 1, value)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def _put_mac(addr, mac):
     for i in range(6):
         store_u8(addr + i, mac >> (40 - 8 * i))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def _swap(addr_a, addr_b, length):
     for i in range(length):
         a = load_u8(addr_a + i)
@@ -232,7 +250,7 @@ def _swap(addr_a, addr_b, length):
         store_u8(addr_b + i, a)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _respond(frame, length, params):
     """Turn the frame at ``frame`` into the peer's answer in place; returns its length, 0 for no answer."""
     peer_ip = params[P_PEER_IP]
@@ -273,7 +291,7 @@ def _respond(frame, length, params):
     return 0
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def _reply_ethernet_header(frame, peer_mac):
     """Ethernet header of a reply: back to the sender, from the peer."""
     for i in range(6):

@@ -12,8 +12,6 @@ Functions mirror rings/packed.py one for one and return the same RingStatus code
 
 from __future__ import annotations
 
-from numba import njit
-
 from ..rings.state import RingStatus
 from ..virtio.constants import (
     RING_EVENT_FLAGS_DESC,
@@ -23,7 +21,9 @@ from ..virtio.constants import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_USED,
+    VIRTQ_DESC_F_WRITE,
 )
+from . import kernel
 from .chain import add_buffer, fail
 from .intrinsics import fence_acquire, fence_full, fence_release, load_u16, load_u32, load_u64, store_u16, store_u32
 from .memory import translate
@@ -50,17 +50,17 @@ _NO_INDIRECT = int(RingStatus.INDIRECT_NOT_NEGOTIATED)
 _DESC_SIZE = 16
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def _is_available(flags, wrap):
     return (flags & VIRTQ_DESC_F_AVAIL != 0) == wrap and (flags & VIRTQ_DESC_F_USED != 0) != wrap
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def packed_has_avail(q):
     return _is_available(load_u16(q.desc + _DESC_SIZE * q.last_avail + 14), q.avail_wrap)
 
 
-@njit(cache=True, nogil=True)
+@kernel(inline=True)
 def packed_pop(q, rows, iov):
     """Take the next available buffer. Returns (status, buffer id, ring descriptors, iov entries, readable)."""
     position = q.last_avail
@@ -103,7 +103,7 @@ def packed_pop(q, rows, iov):
     return _OK, buffer_id, ndesc, n, readable
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _walk_indirect(q, rows, iov, n, readable, total, addr, length, flags, position):
     """Add the buffers of an indirect table: consecutive descriptors, NEXT ignored (§2.8.19)."""
     if not q.indirect:
@@ -129,21 +129,23 @@ def _walk_indirect(q, rows, iov, n, readable, total, addr, length, flags, positi
     return _OK, n, readable, total
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def packed_push(q, buffer_id, ndesc, written):
     """Mark a buffer used: id and length first, then the flags that hand it back (§2.8.9)."""
     desc = q.desc + _DESC_SIZE * q.used_idx
     store_u32(desc + 8, written)
     store_u16(desc + 12, buffer_id)
     fence_release()
-    store_u16(desc + 14, VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if q.used_wrap else 0)
+    # WRITE says the device wrote data; without it the driver ignores len (§2.8.3, §2.8.4).
+    flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if q.used_wrap else 0
+    store_u16(desc + 14, flags | VIRTQ_DESC_F_WRITE if written else flags)
     q.used_idx += ndesc
     if q.used_idx >= q.size:
         q.used_idx -= q.size
         q.used_wrap ^= 1
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def packed_needs_notify(q):
     """Whether to signal the driver, per its event suppression structure (§2.8.10, §2.8.21.3)."""
     new = q.used_idx | q.used_wrap << 15
@@ -172,7 +174,7 @@ def packed_needs_notify(q):
     return ((q.used_idx - event - 1) & 0xFFFF) < ((q.used_idx - old_idx) & 0xFFFF)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def packed_enable_notify(q):
     """Ask for a kick when more buffers arrive; the caller re-checks packed_has_avail afterwards."""
     if q.event_idx:
@@ -184,6 +186,6 @@ def packed_enable_notify(q):
     fence_full()
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def packed_disable_notify(q):
     store_u16(q.device + 2, RING_EVENT_FLAGS_DISABLE)

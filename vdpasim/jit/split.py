@@ -10,8 +10,6 @@ Functions mirror rings/split.py one for one and return the same RingStatus codes
 
 from __future__ import annotations
 
-from numba import njit
-
 from ..rings.state import RingStatus
 from ..virtio.constants import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -19,6 +17,7 @@ from ..virtio.constants import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_USED_F_NO_NOTIFY,
 )
+from . import kernel
 from .chain import add_buffer, fail
 from .intrinsics import fence_acquire, fence_full, fence_release, load_u16, load_u32, load_u64, store_u16, store_u32
 from .memory import translate
@@ -48,17 +47,17 @@ _NO_INDIRECT = int(RingStatus.INDIRECT_NOT_NEGOTIATED)
 _DESC_SIZE = 16
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def split_avail_idx(q):
     return load_u16(q.driver + 2)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def split_has_avail(q):
     return split_avail_idx(q) != q.last_avail
 
 
-@njit(cache=True, nogil=True)
+@kernel(inline=True)
 def split_pop(q, rows, iov):
     """Take the next available chain. Returns (status, head, descriptors used in the ring, iov entries, readable).
 
@@ -79,7 +78,7 @@ def split_pop(q, rows, iov):
     return _OK, head, 1, n, readable
 
 
-@njit(cache=True, nogil=True)
+@kernel(inline=True)
 def split_walk(q, rows, head, iov):
     """Walk the chain starting at ``head`` into iov; returns (status, entries, readable entries)."""
     if head >= q.size:
@@ -127,7 +126,7 @@ def split_walk(q, rows, head, iov):
             return fail(q, _INDEX, index, addr), 0, 0
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def split_push(q, head, ndesc, written):
     """Add one used element; the driver sees it at the next split_publish."""
     elem = q.device + 4 + 8 * (q.used_idx % q.size)
@@ -136,13 +135,13 @@ def split_push(q, head, ndesc, written):
     q.used_idx = (q.used_idx + 1) & 0xFFFF
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline=True)
 def split_publish(q):
     fence_release()  # used elements before the index that publishes them
     store_u16(q.device + 2, q.used_idx)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def split_needs_notify(q):
     """Whether to signal the driver for what was published since the last signal (§2.7.7.2, §2.7.10)."""
     if q.signalled_valid and q.signalled_used == q.used_idx:
@@ -159,7 +158,7 @@ def split_needs_notify(q):
     return not load_u16(q.driver) & VIRTQ_AVAIL_F_NO_INTERRUPT
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def split_enable_notify(q):
     """Ask for a kick when more buffers arrive; the caller re-checks split_has_avail afterwards."""
     if q.event_idx:
@@ -169,7 +168,7 @@ def split_enable_notify(q):
     fence_full()
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def split_disable_notify(q):
     if not q.event_idx:
         store_u16(q.device, VIRTQ_USED_F_NO_NOTIFY)
