@@ -39,6 +39,7 @@ class DataPath:
         self._pause_requests = 0
         self._parked = False
         self._stopping = False
+        self._running = False  # the thread is in _run (False once it returned, even after a crash)
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -46,6 +47,7 @@ class DataPath:
     def start(self) -> None:
         if self._thread is None:
             self._stopping = False
+            self._running = True
             self._thread = threading.Thread(target=self._run, name=f"vdpasim-dp-{self.device.name}", daemon=True)
             self._thread.start()
 
@@ -80,7 +82,7 @@ class DataPath:
             if self._thread is None or self._thread is threading.current_thread():
                 return
             os.eventfd_write(self._wake, 1)
-            self._state.wait_for(lambda: self._parked or self._thread is None)
+            self._state.wait_for(lambda: self._parked or self._thread is None or not self._running)
 
     def resume(self) -> None:
         with self._state:
@@ -113,6 +115,10 @@ class DataPath:
         except BaseException as exc:  # a bug in a device must not pass silently
             self.error = exc
             log.exception("data path of %s stopped", self.device.name)
+        finally:
+            with self._state:
+                self._running = False  # nobody may wait for this thread to park any more
+                self._state.notify_all()
 
     def _serve(self, idx: int) -> None:
         budget = 64  # bursts per wake-up before giving other queues and the control plane a turn
@@ -120,6 +126,9 @@ class DataPath:
             budget -= 1
 
     def _poll_once(self, queues: list[tuple[int, int]]) -> None:
+        if not queues:
+            # Nothing to poll (not started yet, or NEEDS_RESET): sleep until the control plane changes.
+            select.select([self._wake], [], [], 0.1)
         for idx, _ in queues:
             self._serve(idx)
         _drain(self._wake)

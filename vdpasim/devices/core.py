@@ -73,7 +73,9 @@ class SimDevice:
         self._calls: list[Call] = [None] * num_queues
         self._kicks: list[int | None] = [None] * num_queues
         self._own_kicks: dict[int, int] = {}  # eventfds we made for kick_vq when none was given
+        self._own_kicks_lock = threading.Lock()
         self._lock = threading.RLock()
+        self._suspended = False
         self.datapath = DataPath(self, busy_poll=busy_poll)
 
     # ----- hooks for device types -----
@@ -226,6 +228,9 @@ class SimDevice:
             self._calls = [None] * len(self.vqs)
             self._kicks = [None] * len(self.vqs)
             self.fault = None
+            if self._suspended:  # a reset device runs again once started (vdpa_sim's reset does the same)
+                self._suspended = False
+                self.datapath.resume()
             self.on_reset()
 
     def get_config_size(self) -> int:
@@ -263,10 +268,21 @@ class SimDevice:
         return _IOVA_ALL
 
     def suspend(self) -> None:
-        self.datapath.pause()
+        # Idempotent, as vhost-vdpa's SUSPEND: one pause however many times it is asked.
+        with self._lock:
+            if not self._suspended:
+                self._suspended = True
+                self.datapath.pause()
 
     def resume(self) -> None:
-        self.datapath.resume()
+        with self._lock:
+            if self._suspended:
+                self._suspended = False
+                self.datapath.resume()
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended
 
     # ----- DMA operations -----
     def set_map(self, table: RegionTable, ring_space: RingAddressSpace = RingAddressSpace.GUEST) -> None:
@@ -280,15 +296,22 @@ class SimDevice:
 
     # ----- data path plumbing -----
     def active_queues(self) -> list[tuple[int, int]]:
-        with self._lock:
-            if not self.driver_ok:
-                return []
-            return [(vq.index, self._kicks[vq.index] or self._own_kick(vq.index)) for vq in self.vqs if vq.attached]
+        # No device lock here: this runs on the data-path thread, and the control plane holds that lock
+        # while it waits for the thread to park (it only changes queues once the thread is parked).
+        if not self.driver_ok:
+            return []
+        kicks = self._kicks
+        return [
+            (vq.index, self._own_kick(vq.index) if kicks[vq.index] is None else kicks[vq.index])
+            for vq in self.vqs
+            if vq.attached
+        ]
 
     def _own_kick(self, idx: int) -> int:
-        if idx not in self._own_kicks:
-            self._own_kicks[idx] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        return self._own_kicks[idx]
+        with self._own_kicks_lock:
+            if idx not in self._own_kicks:
+                self._own_kicks[idx] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            return self._own_kicks[idx]
 
     def _start(self) -> None:
         for vq in self.vqs:
@@ -320,6 +343,7 @@ class SimDevice:
         for vq in self.vqs:
             vq.attached = False
         self.config_changed()
+        self.datapath.wake()  # the thread re-reads its (now empty) queue set
 
     def check_queue(self, vq: Virtqueue) -> None:
         """After a kernel call: turn a recorded ring fault into NEEDS_RESET."""
