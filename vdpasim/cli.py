@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import bench
+from .guest import cli as guest_cli
+
 __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdpasim", description="Userspace vDPA device simulator")
-    parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench.add_parser(commands)
+    guest_cli.add_parser(commands)
     return parser
 
 

@@ -1,0 +1,38 @@
+"""Benchmarks behind ``vdpasim bench``: options are declared here, each verb runs from its own module.
+
+Those modules import Numba and compile kernels, so they load only when their verb runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_parser"]
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add ``bench`` and its verbs to the top-level sub-parsers."""
+    bench = commands.add_parser("bench", help="measure the data path")
+    verbs = bench.add_subparsers(dest="bench_command", required=True)
+    rings = verbs.add_parser(
+        "rings",
+        help="split and packed ring loopback: the compiled kernels against a C reference",
+        description="One-thread virtio-net loopback through the compiled ring kernels and through a C reference "
+        "of the same semantics (benchmarks/ring_loopback.c, built with gcc -O2), alternating runs, medians.",
+    )
+    rings.add_argument("--layout", choices=("split", "packed"), action="append", help="ring layout (repeatable)")
+    rings.add_argument("--size", type=int, action="append", help="Ethernet frame bytes (repeatable; default 64, 1500)")
+    rings.add_argument("--burst", type=int, action="append", help="packets per burst (repeatable; default 32, 256)")
+    rings.add_argument("--runs", type=int, default=7, help="runs per side and configuration (default 7)")
+    rings.add_argument("--duration", type=float, default=0.2, help="seconds per run, roughly (default 0.2)")
+    rings.add_argument("--packets", type=int, help="packets per run, instead of --duration")
+    rings.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256)")
+    rings.add_argument("--cc", default="gcc", help="C compiler for the reference (default gcc)")
+    rings.add_argument("--json", action="store_true", help="print a JSON list on stdout instead of a table")
+    rings.set_defaults(handler=_rings)
+
+
+def _rings(args: argparse.Namespace) -> int:
+    from .rings import command
+
+    return command(args)
