@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench
+from . import bench, demo
 from .guest import cli as guest_cli
 
 __all__ = ["main"]
@@ -14,6 +14,7 @@ __all__ = ["main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdpasim", description="Userspace vDPA device simulator")
     commands = parser.add_subparsers(dest="command", required=True)
+    demo.add_parser(commands)
     bench.add_parser(commands)
     guest_cli.add_parser(commands)
     return parser

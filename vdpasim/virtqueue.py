@@ -16,7 +16,9 @@ from .virtio.constants import (
     VIRTQ_MAX_SIZE,
 )
 
-__all__ = ["Virtqueue", "ring_area_sizes"]
+__all__ = ["Virtqueue", "ring_area_sizes", "COUNTERS"]
+
+COUNTERS = ("packets", "bytes", "errors", "overruns", "drops", "requests", "successes", "kicks", "notifications")
 
 
 def ring_area_sizes(size: int, packed: bool) -> tuple[int, int, int]:
@@ -119,8 +121,12 @@ class Virtqueue:
         record["desc"] = record["driver"] = record["device"] = 0
 
     def reset(self) -> None:
-        size_max = self.max_size
-        self.__init__(self.index, size_max)  # type: ignore[misc]
+        """Back to the state of a new queue, counters excepted: they count for the device's lifetime, so
+        the management side still reads them after a driver reset or a front-end that left."""
+        counters = {name: self.record[name] for name in COUNTERS}
+        self.__init__(self.index, self.max_size)  # type: ignore[misc]
+        for name, value in counters.items():
+            self.record[name] = value
 
     def fault(self) -> DeviceFault | None:
         """The queue's recorded fault as an exception naming what was wrong, or None."""
@@ -138,5 +144,4 @@ class Virtqueue:
 
     def counters(self) -> dict[str, int]:
         record = self.record
-        names = ("packets", "bytes", "errors", "overruns", "drops", "requests", "successes", "kicks", "notifications")
-        return {name: int(record[name]) for name in names}
+        return {name: int(record[name]) for name in COUNTERS}
