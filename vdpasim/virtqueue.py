@@ -121,12 +121,16 @@ class Virtqueue:
         record["desc"] = record["driver"] = record["device"] = 0
 
     def reset(self) -> None:
-        """Back to the state of a new queue, counters excepted: they count for the device's lifetime, so
-        the management side still reads them after a driver reset or a front-end that left."""
+        """Back to the state of a new queue, counters excepted: like vdpa_sim_net's vstats they count for
+        the device's lifetime, so the management side still reads them after a reset or a front-end left."""
         counters = {name: self.record[name] for name in COUNTERS}
         self.__init__(self.index, self.max_size)  # type: ignore[misc]
         for name, value in counters.items():
             self.record[name] = value
+
+    def clear_counters(self) -> None:
+        for name in COUNTERS:
+            self.record[name] = 0
 
     def fault(self) -> DeviceFault | None:
         """The queue's recorded fault as an exception naming what was wrong, or None."""

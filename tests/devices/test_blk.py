@@ -715,7 +715,7 @@ def test_reset_keeps_the_disk():
         assert driver.write(40, pattern(10, 2048)) == OK
         driver.close()
         device.reset()
-        assert device.stats()[0]["packets"] == 0
+        assert device.stats()[0]["packets"] == 1  # counters outlive a reset, as vdpa_sim's vstats do
         driver2 = BlkDriver(device, driver.memory, packed=True)
         try:
             assert driver2.read(40, 2048) == (OK, pattern(10, 2048))

@@ -473,6 +473,7 @@ class RingBench:
         hosts = []
         for number, vq in enumerate((self.txq, self.rxq)):
             vq.reset()
+            vq.clear_counters()  # each run counts from zero
             vq.negotiate(features)
             vq.set_num(self.size)
             desc = self.guest_base + self.queue_area * number
