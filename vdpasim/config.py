@@ -37,8 +37,9 @@ def _bits(*bits: int) -> int:
     return sum(1 << bit for bit in bits)
 
 
-# What the virtio-net model can offer (a device_features override may only remove bits).
-NET_SUPPORTED_FEATURES = _bits(
+# Transport features every device model offers: vdpa_sim's base (ANY_LAYOUT, VERSION_1, ACCESS_PLATFORM)
+# and the ring features the engine implements.
+TRANSPORT_FEATURES = _bits(
     c.VIRTIO_F_ANY_LAYOUT,
     c.VIRTIO_F_VERSION_1,
     c.VIRTIO_F_ACCESS_PLATFORM,
@@ -46,6 +47,10 @@ NET_SUPPORTED_FEATURES = _bits(
     c.VIRTIO_RING_F_EVENT_IDX,
     c.VIRTIO_F_RING_PACKED,
     c.VIRTIO_F_IN_ORDER,
+)
+
+# What the virtio-net model can offer (a device_features override may only remove bits).
+NET_SUPPORTED_FEATURES = TRANSPORT_FEATURES | _bits(
     c.VIRTIO_NET_F_MTU,
     c.VIRTIO_NET_F_MAC,
     c.VIRTIO_NET_F_MRG_RXBUF,
@@ -251,17 +256,9 @@ def _check_net_features(features: int) -> int:
 
 __all__ += ["BLK_SUPPORTED_FEATURES", "BLK_DEFAULT_CAPACITY", "BlkConfig"]
 
-# What the virtio-blk model offers (VIRTIO_BLK_F_RO is added for a read-only disk). ANY_LAYOUT,
-# VERSION_1 and ACCESS_PLATFORM are the kernel vdpa_sim's base features; the blk bits are vdpa_sim_blk's
+# What the virtio-blk model offers (VIRTIO_BLK_F_RO is added for a read-only disk): vdpa_sim_blk's bits
 # plus FLUSH, which a file-backed disk honours with fdatasync.
-BLK_SUPPORTED_FEATURES = _bits(
-    c.VIRTIO_F_ANY_LAYOUT,
-    c.VIRTIO_F_VERSION_1,
-    c.VIRTIO_F_ACCESS_PLATFORM,
-    c.VIRTIO_RING_F_INDIRECT_DESC,
-    c.VIRTIO_RING_F_EVENT_IDX,
-    c.VIRTIO_F_RING_PACKED,
-    c.VIRTIO_F_IN_ORDER,
+BLK_SUPPORTED_FEATURES = TRANSPORT_FEATURES | _bits(
     c.VIRTIO_BLK_F_SIZE_MAX,
     c.VIRTIO_BLK_F_SEG_MAX,
     c.VIRTIO_BLK_F_BLK_SIZE,
