@@ -30,7 +30,8 @@
 const char ring_queue_fields[] =
     "size,packed,event_idx,indirect,desc_addr,driver_addr,device_addr,desc,driver,device,"
     "last_avail,avail_wrap,used_idx,used_wrap,signalled_used,signalled_valid,error,error_index,error_addr,"
-    "packets,bytes,errors,overruns,drops,requests,successes,kicks,notifications";
+    "packets,bytes,errors,overruns,drops,requests,successes,kicks,notifications,"
+    "log,log_size,log_ring,log_used,log_desc,inflight,inflight_counter,inflight_entry";
 
 struct vq {
     int64_t size, packed, event_idx, indirect;
@@ -40,6 +41,8 @@ struct vq {
     int64_t signalled_used, signalled_valid;
     int64_t error, error_index, error_addr;
     int64_t packets, bytes, errors, overruns, drops, requests, successes, kicks, notifications;
+    int64_t log, log_size, log_ring, log_used, log_desc;  /* dirty logging: off (0) in the benchmark */
+    int64_t inflight, inflight_counter, inflight_entry;    /* inflight tracking: blk only */
 };
 
 /* Parameter block of vdpasim.jit.net (checked by the Python side). */

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -52,22 +53,41 @@ class Region:
     data: np.ndarray = field(repr=False)
     writable: bool = True
     _map: mmap.mmap | None = field(default=None, repr=False)
+    offset: int = 0  # where the region starts in its file
+    fd: int | None = None  # a dup of the file, kept only when asked (to pass the region on: SET_MEM_TABLE)
 
     @classmethod
     def from_fd(
-        cls, fd: int, *, guest_addr: int, size: int, user_addr: int = 0, offset: int = 0, writable: bool = True
+        cls,
+        fd: int,
+        *,
+        guest_addr: int,
+        size: int,
+        user_addr: int = 0,
+        offset: int = 0,
+        writable: bool = True,
+        keep_fd: bool = False,
     ) -> Region:
-        """Map ``size`` bytes of ``fd`` at ``offset`` (need not be page aligned); the fd may be closed after."""
+        """Map ``size`` bytes of ``fd`` at ``offset`` (need not be page aligned); the fd may be closed after.
+
+        With ``keep_fd`` the region keeps a duplicate of ``fd`` (``Region.fd``, closed by ``close``).
+        """
         if size <= 0:
             raise UsageError(f"memory region of size {size}")
         # Addresses stay below 2**63 so compiled code can use int64 throughout (uint64 mixes into float64).
         if not 0 <= guest_addr < guest_addr + size <= _ADDR_LIMIT or not 0 <= user_addr < _ADDR_LIMIT or offset < 0:
             raise UsageError(f"memory region {guest_addr:#x}+{size:#x} at offset {offset:#x} is out of range")
+        # Pages of a mapping past the end of its file raise SIGBUS when touched, which would kill the
+        # whole process long after the mapping was accepted: refuse such a region now.
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and offset + size > info.st_size:
+            raise UsageError(f"memory region at offset {offset:#x}+{size:#x} ends past its file ({info.st_size:#x} B)")
         skew = offset % _PAGE
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         mapping = mmap.mmap(fd, size + skew, flags=mmap.MAP_SHARED, prot=prot, offset=offset - skew)
         data = np.frombuffer(mapping, dtype=np.uint8, count=size, offset=skew)
-        return cls(guest_addr, size, user_addr, data, writable, mapping)
+        kept = os.dup(fd) if keep_fd else None
+        return cls(guest_addr, size, user_addr, data, writable, mapping, offset, kept)
 
     @property
     def host_addr(self) -> int:
@@ -78,14 +98,18 @@ class Region:
         if self._map is not None:
             self._map.close()
             self._map = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def anonymous_region(size: int, *, guest_addr: int = 0, user_addr: int = 0, name: str = "vdpasim-guest") -> Region:
-    """A region backed by a fresh memfd: guest RAM for tests and benchmarks."""
+    """A region backed by a fresh memfd: guest RAM for tests and benchmarks (it keeps its fd, so a
+    vhost-user front-end can share it)."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
-        return Region.from_fd(fd, guest_addr=guest_addr, size=size, user_addr=user_addr)
+        return Region.from_fd(fd, guest_addr=guest_addr, size=size, user_addr=user_addr, keep_fd=True)
     finally:
         os.close(fd)
 

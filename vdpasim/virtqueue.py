@@ -1,4 +1,15 @@
-"""A virtqueue as the control plane sees it: a thin Python view over the compiled kernels' state record."""
+"""A virtqueue as the control plane sees it: a thin Python view over the compiled kernels' state record.
+
+Besides size, addresses and indices, a queue carries what a front-end may ask of a running device:
+
+* ``enabled``: None while no door gates the queue (vDPA: ready means served); True or False once one
+  does (vhost-user SET_VRING_ENABLE). A ready but disabled queue is processed without side effects:
+  the device decides what that means (net drops TX and delivers no RX, blk leaves requests queued).
+* dirty logging: the bitmap (``log``/``log_size`` in the record, set by the device for every queue)
+  and, per queue, whether ring writes are logged and at which guest address (``set_log_used``).
+* inflight tracking: the queue's region of the front-end's inflight buffer (``set_inflight``), set
+  up or recovered when the queue starts (devices/inflight.py), and the requests to resubmit.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +50,13 @@ class Virtqueue:
         self.ready = False
         self.attached = False  # ring areas translated to host addresses
         self.addresses = (0, 0, 0)
+        self.enabled: bool | None = None
+        self.log_used: int | None = None  # guest address the device area is logged at (VHOST_VRING_F_LOG)
+        self.inflight: np.ndarray | None = None  # this queue's inflight region (uint8)
+        self.inflight_desc_num = 0
+        self.inflight_started = False  # the region was set up or recovered since it was given
+        self.resubmit = np.zeros(0, dtype=np.int64)  # heads (split) or region entries (packed) to serve first
+        self.resubmit_pos = 0
 
     @property
     def record(self) -> np.record:
@@ -93,6 +111,15 @@ class Virtqueue:
         record = self.record
         if not record["size"]:
             raise DeviceFault(f"vq {self.index}: started without a size", queue=self.index)
+        if self.packed and not (
+            0 <= record["last_avail"] < record["size"] and 0 <= record["used_idx"] < record["size"]
+        ):
+            # Packed positions index the descriptor ring: one past its end would read outside it.
+            raise DeviceFault(
+                f"vq {self.index}: packed ring positions {int(record['last_avail'])}/{int(record['used_idx'])}"
+                f" outside a ring of {self.size}",
+                queue=self.index,
+            )
         user = space is RingAddressSpace.USER
         hosts = []
         for name, addr, length in zip(
@@ -110,6 +137,9 @@ class Virtqueue:
             hosts.append(host)
         record["desc_addr"], record["driver_addr"], record["device_addr"] = self.addresses
         record["desc"], record["driver"], record["device"] = hosts
+        # Guest address of the descriptor area: packed used entries are logged there (jit/log.py).
+        hit = table.find(self.addresses[0], 16 * self.size, user=user)
+        record["log_desc"] = 0 if hit is None else hit[0].guest_addr + hit[1]
         if not self.packed:
             # The used index lives in guest memory; resume from it (vhost does the same at start).
             record["used_idx"] = int(table.view(self.addresses[2] + 2, 2, user=user).view(np.uint16)[0])
@@ -119,6 +149,33 @@ class Virtqueue:
         self.attached = False
         record = self.record
         record["desc"] = record["driver"] = record["device"] = 0
+
+    def set_log(self, bitmap: np.ndarray | None) -> None:
+        """Log writes into ``bitmap`` (1 bit per 4 KiB guest page), or stop logging (None)."""
+        record = self.record
+        record["log"] = 0 if bitmap is None else bitmap.ctypes.data
+        record["log_size"] = 0 if bitmap is None else bitmap.size
+
+    def set_log_used(self, addr: int | None) -> None:
+        """Log ring writes too, the device area at guest address ``addr`` (None: buffers only)."""
+        self.log_used = addr
+        self.record["log_ring"] = addr is not None
+        # A u64 from the wire: above 2**63 it is stored as its int64 bit pattern (negative), which no
+        # log covers (jit/log.py refuses negative addresses).
+        self.record["log_used"] = 0 if addr is None else (addr & (1 << 64) - 1) - ((addr & 1 << 63) << 1)
+
+    def set_inflight(self, region: np.ndarray | None, desc_num: int = 0) -> None:
+        """Track inflight requests in ``region`` (this queue's part of the buffer) from the next start."""
+        self.inflight = region
+        self.inflight_desc_num = desc_num
+        self.inflight_started = False
+        self.record["inflight"] = 0
+        self.resubmit = np.zeros(0, dtype=np.int64)
+        self.resubmit_pos = 0
+
+    @property
+    def resubmitting(self) -> bool:
+        return self.resubmit_pos < len(self.resubmit)
 
     def reset(self) -> None:
         """Back to the state of a new queue, counters excepted: like vdpa_sim_net's vstats they count for

@@ -8,7 +8,11 @@ back-end request channel (back-end requests).
 fds arrive with the chunk of bytes they were sent with; a message owns every fd that arrived with any
 of its bytes (a sender passes a message's fds with its first byte). The codec checks syntax only:
 header version and flags, payload size and layout, the number of fds each request may carry. Order and
-negotiation are the session's business. Any fault raises CodecError after closing the fds involved.
+negotiation are the session's business. Any fault raises CodecError after closing the fds involved;
+nothing else ever leaves ``next_message`` (tests/fuzz holds the codec to that).
+
+A reply of exactly four bytes is the vDPA extension's failure reply (``ErrorReply``): no reply of the
+protocol has that size, so it decodes unambiguously whatever the request was.
 """
 
 from __future__ import annotations
@@ -29,24 +33,38 @@ from .messages import (
     VERSION,
     VRING_NOFD_MASK,
     BackendRequest,
+    ErrorReply,
     FrontendRequest,
     MemoryTable,
     Message,
+    Raw,
+    VringArea,
     payload_types,
 )
 
 __all__ = ["Codec", "close_fds", "expected_fds"]
 
 F = FrontendRequest
-# Requests whose u64 payload names a ring and carries one fd unless the "no fd" bit is set.
+B = BackendRequest
+# Front-end requests whose u64 payload names a ring and carries one fd unless the "no fd" bit is set.
 _VRING_FD_REQUESTS = frozenset({F.SET_VRING_KICK, F.SET_VRING_CALL, F.SET_VRING_ERR, F.VDPA_SET_CONFIG_CALL})
-# Requests that always carry exactly one fd.
+# Front-end requests that always carry exactly one fd.
 _ONE_FD_REQUESTS = frozenset(
-    {F.SET_LOG_BASE, F.SET_LOG_FD, F.SET_BACKEND_REQ_FD, F.SET_INFLIGHT_FD, F.GPU_SET_SOCKET, F.ADD_MEM_REG}
+    {
+        F.SET_LOG_BASE,
+        F.SET_LOG_FD,
+        F.SET_BACKEND_REQ_FD,
+        F.SET_INFLIGHT_FD,
+        F.GPU_SET_SOCKET,
+        F.ADD_MEM_REG,
+        F.SET_DEVICE_STATE_FD,
+    }
 )
-# Replies that carry one fd.
-_ONE_FD_REPLIES = frozenset({F.GET_INFLIGHT_FD, F.POSTCOPY_ADVISE, F.GET_SHARED_OBJECT})
-_B = BackendRequest
+# Replies to front-end requests that carry one fd.
+_ONE_FD_REPLIES = frozenset({F.GET_INFLIGHT_FD, F.POSTCOPY_ADVISE})
+# Requests or replies that may carry an fd or not, with nothing in the payload to say which.
+_ANY_FDS = frozenset({F.REM_MEM_REG})  # the spec tolerates an fd here: accept and close it
+_ANY_FDS_REPLIES = frozenset({F.GET_SHARED_OBJECT})  # the dma-buf fd, absent on failure
 
 
 def close_fds(fds: Sequence[int]) -> None:
@@ -56,9 +74,24 @@ def close_fds(fds: Sequence[int]) -> None:
 
 
 def expected_fds(message: Message) -> int | None:
-    """How many fds ``message`` must carry; None when any number is acceptable (and ignored)."""
+    """How many fds ``message`` must carry; None when zero or one are both acceptable."""
     request, payload = message.request, message.payload
+    # The two request enums share numbers: compare by identity, never by value.
+    if isinstance(request, BackendRequest):
+        if message.reply:
+            return None if request is B.SHARED_OBJECT_LOOKUP else 0
+        if request is B.VRING_HOST_NOTIFIER_MSG:
+            assert isinstance(payload, VringArea)
+            return 0 if payload.index_flags & VRING_NOFD_MASK else 1
+        return 1 if request is B.SHMEM_MAP else 0
     if message.reply:
+        if isinstance(payload, ErrorReply):
+            return 0
+        if request is F.SET_DEVICE_STATE_FD:
+            assert isinstance(payload, U64)
+            return 0 if payload.value & VRING_NOFD_MASK else 1
+        if request in _ANY_FDS_REPLIES:
+            return None
         return 1 if request in _ONE_FD_REPLIES else 0
     if request is F.SET_MEM_TABLE:
         assert isinstance(payload, MemoryTable)
@@ -68,12 +101,8 @@ def expected_fds(message: Message) -> int | None:
         return 0 if payload.value & VRING_NOFD_MASK else 1
     if request in _ONE_FD_REQUESTS:
         return 1
-    if request is F.SET_DEVICE_STATE_FD:
-        return 1
-    if request is F.REM_MEM_REG:
-        return None  # the spec tolerates an fd here: accept and close it
-    if request is _B.VRING_HOST_NOTIFIER_MSG:
-        return None  # one fd, or none to remove the notifier
+    if request in _ANY_FDS:
+        return None
     return 0
 
 
@@ -91,6 +120,9 @@ class Codec:
 
     # ----- inbound -----
     def receive_data(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        if self.closed:
+            close_fds(fds)
+            raise CodecError("the channel already failed (or was closed)")
         if fds:
             self._fds.append((self._consumed + len(self._buffer), list(fds)))
         self._buffer += data
@@ -133,6 +165,8 @@ class Codec:
         reply = bool(flags & FLAG_REPLY)
         request_type, reply_type = payload_types(request)
         payload_type = (reply_type or U64) if reply else request_type  # replies to other requests are acks
+        if reply and len(payload_bytes) == ErrorReply.LAYOUT.size and payload_type is not Raw:
+            payload_type = ErrorReply
         payload = payload_type.unpack(payload_bytes)
         if len(fds) > MAX_FDS:
             raise CodecError(f"{request.name}: {len(fds)} fds")

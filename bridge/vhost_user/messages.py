@@ -5,6 +5,9 @@ shared/reference/protocols.md §4. Payloads are frozen dataclasses that validate
 their wire layout (``pack``/``unpack``); which payload a request carries, in each direction, is one
 table (``REQUEST_PAYLOADS``), so the codec has no per-request code and server and client cannot
 disagree. The vDPA extension (docs/vhost-user-vdpa.md) lives in the same tables.
+
+Payload classes check syntax only (sizes, field widths, the "no fd" and padding rules); what a value
+means for a device is the session's and the device's business.
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ __all__ = [
     "FLAG_NEED_REPLY",
     "MAX_PAYLOAD",
     "MAX_FDS",
+    "MAX_MEM_REGIONS",
     "VRING_NOFD_MASK",
     "VRING_IDX_MASK",
+    "VHOST_BACKEND_F_SUSPEND",
+    "VHOST_BACKEND_F_RESUME",
+    "VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK",
     "Payload",
     "Empty",
     "U64",
@@ -43,6 +50,10 @@ __all__ = [
     "InflightInfo",
     "DeviceStateTransfer",
     "IovaRange",
+    "SharedObject",
+    "ShmemConfig",
+    "ShmemMap",
+    "ErrorReply",
     "Raw",
     "Message",
     "REQUEST_PAYLOADS",
@@ -59,6 +70,12 @@ MAX_FDS = 32  # fds per message (rust-vmm's MAX_ATTACHED_FD_ENTRIES); SET_MEM_TA
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 0x100
 MAX_MEM_REGIONS = 8  # VHOST_MEMORY_BASELINE_NREGIONS
+
+# Bits of the VDPA_GET_BACKEND_FEATURES reply: the VHOST_BACKEND_F_* bits (linux/vhost_types.h) that
+# depend on the device behind the socket rather than on the vhost-vdpa server in front of it.
+VHOST_BACKEND_F_SUSPEND = 4
+VHOST_BACKEND_F_RESUME = 5
+VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK = 6
 
 
 class FrontendRequest(enum.IntEnum):
@@ -122,6 +139,7 @@ class FrontendRequest(enum.IntEnum):
     VDPA_SET_CONFIG_CALL = 0x7D0D
     VDPA_GET_VRING_SIZE = 0x7D0E
     VDPA_GET_BACKEND_FEATURES = 0x7D0F
+    VDPA_GET_CONFIG_GENERATION = 0x7D10
 
 
 class BackendRequest(enum.IntEnum):
@@ -158,7 +176,12 @@ class ProtocolFeature(enum.IntEnum):
     XEN_MMAP = 17
     SHARED_OBJECT = 18
     DEVICE_STATE = 19
-    # The vDPA extension: a bit no VMM knows (QEMU 7.2 masks offers with (1 << 17) - 1).
+    GET_VRING_BASE_INFLIGHT = 20
+    GPA_ADDRESSES = 21
+    SHMEM = 22
+    # The vDPA extension: a bit no VMM knows (QEMU 7.2 masks offers with (1 << 17) - 1). Negotiated
+    # only together with REPLY_ACK; it also opens GET/SET_CONFIG to every device type and answers
+    # failed requests that have a reply payload with ErrorReply (docs/vhost-user-vdpa.md).
     VDPA = 63
 
 
@@ -245,14 +268,22 @@ class MemoryTable(Payload):
         return self.LAYOUT.pack(len(self.regions), 0) + b"".join(r.pack() for r in self.regions)
 
     @classmethod
+    def full_size(cls) -> int:
+        """Bytes of the whole struct VhostUserMemory (all 8 region slots)."""
+        return cls.LAYOUT.size + MAX_MEM_REGIONS * MemoryRegion.LAYOUT.size
+
+    @classmethod
     def unpack(cls, data: bytes) -> MemoryTable:
         if len(data) < cls.LAYOUT.size:
             raise CodecError(f"memory table payload of {len(data)} bytes")
-        count, _ = cls.LAYOUT.unpack_from(data)
+        count, padding = cls.LAYOUT.unpack_from(data)
         size = MemoryRegion.LAYOUT.size
-        # QEMU always sends the full 8-region array; only the first `count` are meaningful.
-        if count > MAX_MEM_REGIONS or len(data) < cls.LAYOUT.size + count * size:
+        # QEMU 7.2 sends exactly `count` regions; other front-ends send the whole 8-region array of
+        # struct VhostUserMemory, of which only the first `count` mean anything. Nothing else is valid.
+        if count > MAX_MEM_REGIONS or len(data) not in (cls.LAYOUT.size + count * size, cls.full_size()):
             raise CodecError(f"memory table claims {count} regions in {len(data)} bytes")
+        if padding:
+            raise CodecError(f"memory table padding is {padding:#x}, not 0")
         offset = cls.LAYOUT.size
         return cls(tuple(MemoryRegion.unpack(data[offset + i * size : offset + (i + 1) * size]) for i in range(count)))
 
@@ -269,6 +300,8 @@ class SingleMemoryRegion(Payload):
     def unpack(cls, data: bytes) -> SingleMemoryRegion:
         if len(data) != 8 + MemoryRegion.LAYOUT.size:
             raise CodecError(f"single memory region payload of {len(data)} bytes, expected 40")
+        if cls.LAYOUT.unpack_from(data)[0]:
+            raise CodecError("single memory region padding is not 0")
         return cls(MemoryRegion.unpack(data[8:]))  # type: ignore[arg-type]
 
 
@@ -345,6 +378,75 @@ class IovaRange(Payload):
 
 
 @dataclass(frozen=True)
+class SharedObject(Payload):
+    """VhostUserShared: a 16-byte UUID naming an object exported by a back-end (virtio shared objects)."""
+
+    uuid: bytes
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<16s")
+
+    def __post_init__(self) -> None:
+        if len(self.uuid) != 16:
+            raise CodecError(f"shared object UUID of {len(self.uuid)} bytes, expected 16")
+
+
+@dataclass(frozen=True)
+class ShmemMap(Payload):
+    """VhostUserMMap (BACKEND_SHMEM_MAP/UNMAP): map ``len`` bytes of the fd into shared memory region ``shmid``."""
+
+    shmid: int
+    fd_offset: int
+    shm_offset: int
+    len: int
+    flags: int  # bit 0: writable
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<B7xQQQQ")
+
+
+@dataclass(frozen=True)
+class ShmemConfig(Payload):
+    """VhostUserShMemConfig (GET_SHMEM_CONFIG reply): the size of each shared memory region, by shmid."""
+
+    sizes: tuple[int, ...]
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<II256Q")
+    MAX_REGIONS: ClassVar[int] = 256
+
+    def __post_init__(self) -> None:
+        if len(self.sizes) > self.MAX_REGIONS:
+            raise CodecError(f"{len(self.sizes)} shared memory regions (at most {self.MAX_REGIONS})")
+        for size in self.sizes:
+            _check_range("memory size", size, 64)
+
+    def pack(self) -> bytes:
+        sizes = list(self.sizes) + [0] * (self.MAX_REGIONS - len(self.sizes))
+        return self.LAYOUT.pack(len(self.sizes), 0, *sizes)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> ShmemConfig:
+        if len(data) != cls.LAYOUT.size:
+            raise CodecError(f"ShmemConfig payload is {len(data)} bytes, expected {cls.LAYOUT.size}")
+        count, _, *sizes = cls.LAYOUT.unpack(data)
+        if count > cls.MAX_REGIONS or any(sizes[count:]):
+            raise CodecError(f"shared memory config of {count} regions with sizes beyond them")
+        return cls(tuple(sizes[:count]))
+
+
+@dataclass(frozen=True)
+class ErrorReply(Payload):
+    """The vDPA extension's failure reply to a request that has a reply payload: a positive errno.
+
+    Four bytes long, a size no reply of the protocol has, so it cannot be mistaken for a real answer.
+    Only a back-end whose front-end negotiated ProtocolFeature.VDPA sends it (docs/vhost-user-vdpa.md).
+    """
+
+    errno: int
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<I")
+    MAX_ERRNO: ClassVar[int] = 4095  # the kernel's MAX_ERRNO: the values a -errno can take
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.errno <= self.MAX_ERRNO:
+            raise CodecError(f"error reply with errno {self.errno} (1..{self.MAX_ERRNO})")
+
+
+@dataclass(frozen=True)
 class Raw(Payload):
     """Bytes of a request whose payload vdpasim does not interpret (crypto sessions, shared objects...)."""
 
@@ -403,10 +505,10 @@ REQUEST_PAYLOADS: dict[FrontendRequest, tuple[type[Payload], type[Payload] | Non
     F.REM_MEM_REG: (SingleMemoryRegion, None),
     F.SET_STATUS: (U64, None),
     F.GET_STATUS: (Empty, U64),
-    F.GET_SHARED_OBJECT: (Raw, U64),
+    F.GET_SHARED_OBJECT: (SharedObject, U64),
     F.SET_DEVICE_STATE_FD: (DeviceStateTransfer, U64),
     F.CHECK_DEVICE_STATE: (Empty, U64),
-    F.GET_SHMEM_CONFIG: (Empty, Raw),
+    F.GET_SHMEM_CONFIG: (Empty, ShmemConfig),
     F.VDPA_GET_DEVICE_ID: (Empty, U64),
     F.VDPA_GET_VENDOR_ID: (Empty, U64),
     F.VDPA_GET_VRING_NUM: (Empty, U64),
@@ -422,6 +524,7 @@ REQUEST_PAYLOADS: dict[FrontendRequest, tuple[type[Payload], type[Payload] | Non
     F.VDPA_SET_CONFIG_CALL: (U64, None),
     F.VDPA_GET_VRING_SIZE: (VringState, VringState),
     F.VDPA_GET_BACKEND_FEATURES: (Empty, U64),
+    F.VDPA_GET_CONFIG_GENERATION: (Empty, U64),
 }
 del F
 
@@ -432,11 +535,11 @@ BACKEND_PAYLOADS: dict[BackendRequest, tuple[type[Payload], type[Payload] | None
     B.VRING_HOST_NOTIFIER_MSG: (VringArea, None),
     B.VRING_CALL: (VringState, None),
     B.VRING_ERR: (VringState, None),
-    B.SHARED_OBJECT_ADD: (Raw, None),
-    B.SHARED_OBJECT_REMOVE: (Raw, None),
-    B.SHARED_OBJECT_LOOKUP: (Raw, None),
-    B.SHMEM_MAP: (Raw, None),
-    B.SHMEM_UNMAP: (Raw, None),
+    B.SHARED_OBJECT_ADD: (SharedObject, None),
+    B.SHARED_OBJECT_REMOVE: (SharedObject, None),
+    B.SHARED_OBJECT_LOOKUP: (SharedObject, None),
+    B.SHMEM_MAP: (ShmemMap, None),
+    B.SHMEM_UNMAP: (ShmemMap, None),
 }
 del B
 

@@ -4,6 +4,14 @@ The front-end (QEMU with `-chardev socket,path=...`) connects; each connection g
 BackendSession. Malformed bytes (CodecError) close the connection with a logged reason; a request the
 session refuses is logged and, where the front-end asked for an ack, answered with a failure code.
 When the front-end leaves, the session resets the device and releases guest memory and fds.
+
+``BackendChannel`` is the other direction: back-end requests (BACKEND_CONFIG_CHANGE_MSG) on the socket
+the front-end passed with SET_BACKEND_REQ_FD. Facts it is built on: QEMU serves that socket from its
+main loop, which is blocked whenever QEMU waits for one of our replies on the main channel, and a
+front-end may not answer at all. So requests are queued by whoever produces them (the session, or the
+data-path thread through the device's config callback) and sent by a thread of the channel's own,
+which waits for an ack (NEED_REPLY, with REPLY_ACK) at most ``timeout`` seconds and logs what happened;
+no other thread ever waits on the front-end.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import socket
 import threading
 
@@ -18,9 +27,80 @@ from vdpasim.errors import CodecError, PeerError, TransportError
 from vdpasim.ops import DeviceOps
 
 from .backend import BackendSession
+from .codec import close_fds
+from .messages import U64, Message, payload_types
 from .transport import MessageStream
 
-__all__ = ["VhostUserServer"]
+__all__ = ["VhostUserServer", "BackendChannel", "BACKEND_REPLY_TIMEOUT"]
+
+BACKEND_REPLY_TIMEOUT = 5.0  # seconds to wait for the front-end's ack of a back-end request
+
+
+class BackendChannel:
+    """The back-end request channel of one connection; owns the socket fd it is built on."""
+
+    def __init__(self, fd: int, *, name: str = "", timeout: float = BACKEND_REPLY_TIMEOUT) -> None:
+        self.sock = socket.socket(fileno=fd)  # OSError (ENOTSOCK) if the front-end sent something else
+        if self.sock.family != socket.AF_UNIX or self.sock.type != socket.SOCK_STREAM:
+            self.sock.detach()
+            raise OSError(f"back-end channel fd {fd} is not a UNIX stream socket")
+        self.sock.settimeout(timeout)
+        self.timeout = timeout
+        self.log = logging.getLogger(f"vdpasim.vhost_user.backend_channel.{name or fd}")
+        self.sent = 0
+        self.acked = 0
+        self.failed = 0
+        self.broken = False
+        self._stream = MessageStream(self.sock, backend_channel=True)
+        self._queue: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"vhost-user-backend-{name}", daemon=True)
+        self._thread.start()
+
+    def send(self, message: Message) -> None:
+        """Queue a back-end request; returns at once (dropped, and logged, once the channel broke)."""
+        if self.broken:
+            self.log.debug("%s dropped: the back-end channel is broken", message.request.name)
+            close_fds(message.fds)
+            return
+        self._queue.put(message)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # ends a wait for an ack at once
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self._stream.close()
+
+    def _run(self) -> None:
+        while (message := self._queue.get()) is not None:
+            try:
+                self._stream.send(message)
+                self.sent += 1
+                if message.need_reply:
+                    self._await_ack(message)
+            except (TransportError, CodecError) as exc:
+                self.failed += 1
+                self.log.warning("%s not delivered: %s; dropping the channel", message.request.name, exc)
+                self.broken = True
+                break
+            finally:
+                close_fds(message.fds)
+        # Broken or closing: whatever is still queued is dropped (its fds closed).
+        while (left := self._queue.get() if not self._queue.empty() else None) is not None:
+            close_fds(left.fds)
+
+    def _await_ack(self, message: Message) -> None:
+        reply = self._stream.receive()  # a TransportError after ``timeout`` seconds of silence
+        if reply is None:
+            raise TransportError("the front-end closed the back-end channel")
+        if not reply.reply or reply.request != message.request or not isinstance(reply.payload, U64):
+            raise TransportError(f"expected the ack of {message.request.name}, got {reply.request.name}")
+        if reply.payload.value:
+            self.failed += 1
+            self.log.warning("%s: the front-end answered %d (failure)", message.request.name, reply.payload.value)
+        else:
+            self.acked += 1
 
 
 class VhostUserServer:
@@ -36,6 +116,7 @@ class VhostUserServer:
         self._connection: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._state_lock = threading.Lock()  # stop() and a new connection: one of them sees the other
 
     def start(self) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -53,11 +134,12 @@ class VhostUserServer:
         self.log.info("serving on %s", self.path)
 
     def stop(self) -> None:
-        self._stopping = True
-        for sock in (self._listener, self._connection):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+        with self._state_lock:
+            self._stopping = True
+            for sock in (self._listener, self._connection):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         if self._listener is not None:
@@ -72,7 +154,12 @@ class VhostUserServer:
                 connection, _ = self._listener.accept()
             except OSError:
                 break
-            self._connection = connection
+            with self._state_lock:
+                # accept() still returns a connection queued before the listener was shut down.
+                if self._stopping:
+                    connection.close()
+                    break
+                self._connection = connection
             self.connections += 1
             try:
                 self.serve(connection)
@@ -82,21 +169,37 @@ class VhostUserServer:
     def serve(self, connection: socket.socket) -> None:
         """Serve one front-end until it leaves or breaks the protocol."""
         stream = MessageStream(connection)
-        session = self.session = BackendSession(self.device, protocol_features=self.protocol_features, name=self.name)
+        session = self.session = BackendSession(
+            self.device,
+            protocol_features=self.protocol_features,
+            name=self.name,
+            channel_factory=lambda fd: BackendChannel(fd, name=self.name),
+        )
         self.log.info("front-end connected")
         try:
             while (message := stream.receive()) is not None:
                 try:
                     reply = session.handle(message)
                 except PeerError as exc:
+                    if payload_types(message.request)[1] is not None and not message.reply:
+                        # The front-end waits for a reply nothing can carry: hanging up beats a hang.
+                        self.log.error(
+                            "closing the connection: %s failed and has no failure reply: %s", message.request.name, exc
+                        )
+                        break
                     self.log.warning("%s: %s", message.request.name, exc)
                     continue
                 if reply is not None:
-                    stream.send(reply)
+                    try:
+                        stream.send(reply)
+                    finally:
+                        close_fds(reply.fds)  # fds a reply passes on (GET_INFLIGHT_FD) are the front-end's now
         except CodecError as exc:
             self.log.error("closing the connection: malformed message: %s", exc)
         except TransportError as exc:
             self.log.info("connection ended: %s", exc)
+        except Exception:  # a bug, not the peer's fault: drop this connection, keep the server (and device)
+            self.log.exception("closing the connection: internal error")
         finally:
             session.close()
             stream.close()

@@ -32,6 +32,10 @@ def recv_exact(sock: socket.socket, size: int, fds: list[int] | None = None) -> 
             chunk, ancdata, flags, _ = sock.recvmsg(size - len(data), space, socket.MSG_CMSG_CLOEXEC)
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise TransportError(f"connection lost: {exc}", reconnect=True) from exc
+        except TimeoutError as exc:  # a socket timeout (the client sets one): the peer stopped answering
+            raise TransportError(f"no data from the peer within {sock.gettimeout()} s") from exc
+        except OSError as exc:
+            raise TransportError(f"receive failed: {exc}") from exc
         received = _fds_of(ancdata)
         if fds is None or flags & socket.MSG_CTRUNC:
             close_fds(received)
@@ -73,7 +77,11 @@ class MessageStream:
     def receive(self) -> Message | None:
         """The next message, or None once the peer closed the connection."""
         fds: list[int] = []
-        header = recv_exact(self.sock, HEADER.size, fds)
+        try:
+            header = recv_exact(self.sock, HEADER.size, fds)
+        except TransportError:
+            close_fds(fds)
+            raise
         if len(header) < HEADER.size:
             close_fds(fds)
             if header:

@@ -13,7 +13,9 @@ queues (``num_queues``, VIRTIO_BLK_F_MQ). One difference on purpose: discard_sec
 logical block (blk_size / 512), where vdpa_sim_blk puts 512 (bytes, in a field counted in sectors).
 
 ``process`` runs on the data-path thread and never takes the device lock (the control plane holds it
-while it waits for that thread to park).
+while it waits for that thread to park). A disabled queue (``set_vq_enabled``) is left alone: its
+requests wait in the ring. Requests a previous back-end left in flight (inflight tracking,
+devices/inflight.py) are served before any new one.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ..jit.blk import (
     P_WRITE_THROUGH,
     SCRATCH_BYTES,
     blk_burst,
+    blk_resubmit,
     new_blk_params,
 )
 from ..rings.state import RingStatus
@@ -156,6 +159,7 @@ class BlkDevice(SimDevice):
     """A virtio-blk device with a RAM or file-backed disk (``BlkConfig``)."""
 
     device_id = c.VIRTIO_ID_BLOCK
+    supports_inflight = True
 
     def __init__(self, config: BlkConfig, *, backing: BlkBacking | None = None) -> None:
         if backing is None:
@@ -252,14 +256,34 @@ class BlkDevice(SimDevice):
     def process(self, idx: int) -> bool:
         vq = self.vqs[idx]
         memory = self.memory
-        if memory is None or not vq.attached:
+        if memory is None or not vq.attached or vq.enabled is False:
             return False
+        if vq.resubmitting:
+            status, vq.resubmit_pos, notify = blk_resubmit(
+                vq.state,
+                memory.rows,
+                vq.iov,
+                self.backing.data,
+                self.params,
+                self.ident,
+                self.scratch[idx],
+                vq.resubmit,
+                vq.resubmit_pos,
+                BURST,
+            )
+            if notify:
+                self.notify(idx)
+            if status >= _FAULT or vq.record["error"]:
+                self.check_queue(vq)
+                return False
+            if vq.resubmitting:
+                return True
         status, _done, notify, more = blk_burst(
             vq.state, memory.rows, vq.iov, self.backing.data, self.params, self.ident, self.scratch[idx], BURST
         )
         if notify:
             self.notify(idx)
-        if status >= _FAULT:
+        if status >= _FAULT or vq.record["error"]:  # a ring fault, or one of logging or inflight tracking
             self.check_queue(vq)
             return False
         if more and not self.datapath.busy_poll:

@@ -10,7 +10,11 @@ lives here, so every door (vhost-user, vhost-vdpa, VDUSE) gets the same behaviou
 * features: the driver's are proposed until FEATURES_OK is accepted, and frozen after;
 * config: reads of any range inside the config space, a generation counter bumped on every change,
   and the config-change callback;
-* queues: size, addresses, state and readiness; ring areas are translated when the queue starts.
+* queues: size, addresses, state and readiness; ring areas are translated when the queue starts;
+* what a front-end may ask of a running device beyond vDPA (vhost-user's wire needs them): a ready
+  queue may be disabled (``set_vq_enabled``: processed without side effects), every write to guest
+  memory may be logged in a dirty bitmap (``set_dirty_log``, ``set_vq_log``), and device types that
+  support it track inflight requests in a front-end's buffer (``set_vq_inflight``, blk).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import logging
 import os
 import threading
 from typing import ClassVar
+
+import numpy as np
 
 from ..errors import DeviceFault, DeviceRequestError
 from ..memory import RegionTable
@@ -37,6 +43,7 @@ from ..virtio.constants import (
 from ..virtio.features import check_driver_features, feature_names
 from ..virtio.status import status_change_error, status_names
 from ..virtqueue import Virtqueue
+from .inflight import start_tracking
 
 __all__ = ["SimDevice"]
 
@@ -48,6 +55,7 @@ class SimDevice:
 
     device_id: ClassVar[int] = 0
     vendor_id: ClassVar[int] = 0
+    supports_inflight: ClassVar[bool] = False  # the data path keeps an inflight region up to date
 
     def __init__(
         self,
@@ -76,6 +84,8 @@ class SimDevice:
         self._own_kicks_lock = threading.Lock()
         self._lock = threading.RLock()
         self._suspended = False
+        self._dirty_log: np.ndarray | None = None
+        self._log_call: Call = None
         self.datapath = DataPath(self, busy_poll=busy_poll)
 
     # ----- hooks for device types -----
@@ -106,7 +116,9 @@ class SimDevice:
 
     def set_vq_num(self, idx: int, num: int) -> None:
         with self._lock, self.datapath.paused():
-            self._vq(idx).set_num(num)
+            vq = self._vq(idx)
+            vq.set_num(num)
+            self._restart_queue(vq)  # the ring areas were checked for the old size
 
     def set_vq_address(self, idx: int, desc: int, driver: int, device: int) -> None:
         with self._lock, self.datapath.paused():
@@ -117,7 +129,9 @@ class SimDevice:
 
     def set_vq_state(self, idx: int, state: VqState) -> None:
         with self._lock, self.datapath.paused():
-            self._vq(idx).set_state(state)
+            vq = self._vq(idx)
+            vq.set_state(state)
+            self._restart_queue(vq)  # positions are checked against the ring when it is attached
 
     def get_vq_state(self, idx: int) -> VqState:
         with self._lock, self.datapath.paused():
@@ -134,6 +148,31 @@ class SimDevice:
 
     def get_vq_ready(self, idx: int) -> bool:
         return self._vq(idx).ready
+
+    def set_vq_enabled(self, idx: int, enabled: bool) -> None:
+        """Gate a queue: a ready but disabled queue is processed without side effects (the device type
+        says what that means). Queues no one gates are served whenever they are ready."""
+        with self._lock, self.datapath.paused():
+            self._vq(idx).enabled = enabled
+
+    def get_vq_enabled(self, idx: int) -> bool | None:
+        return self._vq(idx).enabled
+
+    def set_vq_log(self, idx: int, addr: int | None) -> None:
+        """Log this queue's ring writes too, its device area at guest address ``addr`` (None: buffers only)."""
+        with self._lock, self.datapath.paused():
+            self._vq(idx).set_log_used(addr)
+
+    def set_vq_inflight(self, idx: int, region: np.ndarray | None, desc_num: int = 0) -> None:
+        """Track this queue's inflight requests in ``region`` (``desc_num`` entries), set up or recovered
+        when the queue starts; None stops tracking."""
+        if region is not None and not self.supports_inflight:
+            raise DeviceRequestError(f"{self.name}: no inflight tracking for this device type", errno=errno.EOPNOTSUPP)
+        with self._lock, self.datapath.paused():
+            vq = self._vq(idx)
+            vq.set_inflight(region, desc_num)
+            if vq.attached:
+                start_tracking(vq, self.log)
 
     def set_vq_kick(self, idx: int, fd: int | None) -> None:
         with self._lock, self.datapath.paused():
@@ -227,6 +266,8 @@ class SimDevice:
             self._driver_features = 0
             self._calls = [None] * len(self.vqs)
             self._kicks = [None] * len(self.vqs)
+            self._dirty_log = None
+            self._log_call = None
             self.fault = None
             if self._suspended:  # a reset device runs again once started (vdpa_sim's reset does the same)
                 self._suspended = False
@@ -266,6 +307,19 @@ class SimDevice:
 
     def get_iova_range(self) -> IovaRange:
         return _IOVA_ALL
+
+    def set_dirty_log(self, bitmap: np.ndarray | None, call: Call = None) -> None:
+        """Log every write to guest memory in ``bitmap`` (1 bit per 4 KiB guest page, jit/log.py), or stop
+        (None). ``call`` is signalled when logged writes were handed to the driver."""
+        with self._lock, self.datapath.paused():
+            self._dirty_log = bitmap
+            self._log_call = call if bitmap is not None else None
+            for vq in self.vqs:
+                vq.set_log(bitmap)
+
+    @property
+    def logging(self) -> bool:
+        return self._dirty_log is not None
 
     def suspend(self) -> None:
         # Idempotent, as vhost-vdpa's SUSPEND: one pause however many times it is asked.
@@ -320,6 +374,13 @@ class SimDevice:
         if self.driver_ok:
             self.datapath.start()
 
+    def _restart_queue(self, vq: Virtqueue) -> None:
+        """A running queue's geometry changed: check it again, as at its start."""
+        if vq.attached:
+            vq.detach()
+            if vq.ready and self.driver_ok:
+                self._start_queue(vq)
+
     def _start_queue(self, vq: Virtqueue) -> None:
         if self.memory is None:
             return  # vhost-vdpa sends ring addresses before the IOTLB: start when memory arrives
@@ -327,12 +388,20 @@ class SimDevice:
             vq.attach(self.memory, self.ring_space)
         except DeviceFault as fault:
             self.needs_reset(fault)
+        else:
+            if vq.inflight is not None and not vq.inflight_started:
+                start_tracking(vq, self.log)
+            elif vq.record["inflight"] and vq.size > vq.inflight_desc_num:
+                self.log.warning("vq %d: resized beyond its inflight region: no longer tracked", vq.index)
+                vq.record["inflight"] = 0
         self.datapath.wake()
 
     def notify(self, idx: int) -> None:
         """Signal the driver that queue ``idx`` has used buffers."""
         self.vqs[idx].record["notifications"] += 1
         signal(self._calls[idx])
+        if self._log_call is not None:
+            signal(self._log_call)  # logged writes reached the driver: the log changed
 
     def needs_reset(self, fault: DeviceFault) -> None:
         """The driver broke the contract: stop serving, set NEEDS_RESET, say why (§2.1.2)."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import DeviceRequestError
 from ..jit.chain import IOV_ADDR, IOV_LEN
+from ..jit.log import log_host
 from ..jit.vq import vq_enable_notify, vq_has_avail, vq_needs_notify, vq_pop, vq_publish, vq_push
 from ..rings.state import RingStatus
 from ..virtio import constants as c
@@ -223,7 +224,10 @@ class ControlQueue:
                 ack = self.handle(request, features, max_vqp)
             written = 0
             if readable < n:
-                ctypes.memmove(int(iov[readable, IOV_ADDR]), _ACK_OK if ack == c.VIRTIO_NET_OK else _ACK_ERR, 1)
+                ack_addr = int(iov[readable, IOV_ADDR])
+                ctypes.memmove(ack_addr, _ACK_OK if ack == c.VIRTIO_NET_OK else _ACK_ERR, 1)
+                if q["log"]:
+                    log_host(q, rows, ack_addr, 1)
                 written = 1
             q["successes" if ack == c.VIRTIO_NET_OK else "errors"] += 1
             vq_push(q, head, ndesc, written)

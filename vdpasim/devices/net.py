@@ -10,6 +10,11 @@ A kick on a transmit queue or on its receive queue runs the compiled ``net_tx_bu
 vstats, read from the queue records: the "rx ..." ones from receive queues, the "tx ..." ones from
 transmit queues, the "cvq ..." ones from the control queue.
 
+A pair one of whose queues is disabled (``set_vq_enabled``, vhost-user SET_VRING_ENABLE 0) is served
+without side effects, as the vhost-user spec asks of a disabled ring: TX frames are consumed and
+dropped ("tx drops" when the TX queue is disabled, "rx drops" when the RX queue is), and nothing is
+written into the RX queue.
+
 Everything that runs on the data-path thread (``process`` and the control commands it applies)
 never takes the device lock: the control plane holds that lock while it waits for the thread to park.
 """
@@ -39,6 +44,7 @@ from ..jit.net import (
     P_PROMISC,
     SCRATCH_BYTES,
     net_tx_burst,
+    net_tx_discard,
     new_net_params,
 )
 from ..jit.vq import vq_disable_notify, vq_enable_notify, vq_has_avail
@@ -198,9 +204,18 @@ class NetDevice(SimDevice):
         role = self.queue_role(idx)
         if role == "cvq":
             return self._process_cvq(self.vqs[idx])
-        if role is None or idx // 2 >= self.curr_queue_pairs:
+        if role is None or idx // 2 >= self._pairs_served():
             return False
         return self._process_pair(idx // 2)
+
+    def _pairs_served(self) -> int:
+        cvq = self.cvq_index
+        if cvq is None or self.vqs[cvq].ready:
+            return self.curr_queue_pairs
+        # MQ with a control queue the driver never set up: a front-end that runs the control queue
+        # itself (QEMU's vhost-user-net) picks the pairs by enabling their rings, so serve every
+        # ready pair.
+        return self.max_vqp if self._negotiated >> c.VIRTIO_NET_F_MQ & 1 else 1
 
     def _scratch_for(self, pair: int) -> np.ndarray:
         scratch = self._scratch[pair]
@@ -211,7 +226,11 @@ class NetDevice(SimDevice):
     def _process_pair(self, pair: int) -> bool:
         rx, tx = self.vqs[2 * pair], self.vqs[2 * pair + 1]
         memory = self.memory
-        if memory is None or not (rx.attached and tx.attached):
+        if memory is None or not tx.attached:
+            return False
+        if tx.enabled is False or (rx.enabled is False and rx.attached):
+            return self._discard_pair(pair, tx, rx, memory.rows)
+        if not rx.attached:
             return False
         status, done, notify_tx, notify_rx = net_tx_burst(
             tx.state, rx.state, memory.rows, tx.iov, rx.iov, self._scratch_for(pair), self.params, BURST
@@ -232,6 +251,20 @@ class NetDevice(SimDevice):
         rx_more = self._arm(rx)
         return tx_more and (rx_more or status != _NO_BUFFER)
 
+    def _discard_pair(self, pair: int, tx: Virtqueue, rx: Virtqueue, rows: np.ndarray) -> bool:
+        """A queue of the pair is disabled: consume TX, deliver nothing (the RX queue is never written)."""
+        status, done, notify_tx = net_tx_discard(
+            tx.state, rx.state, rows, tx.iov, self.params, BURST, int(tx.enabled is False)
+        )
+        if notify_tx:
+            self.notify(tx.index)
+        if status >= _FAULT or tx.record["error"]:
+            self.check_queue(tx)
+            return False
+        if done == BURST:
+            return True
+        return self._arm(tx)
+
     def _arm(self, vq: Virtqueue) -> bool:
         if self.datapath.busy_poll:
             vq_disable_notify(vq.record)  # the thread polls: spare the driver its kicks
@@ -241,12 +274,12 @@ class NetDevice(SimDevice):
 
     def _process_cvq(self, vq: Virtqueue) -> bool:
         memory = self.memory
-        if memory is None or not vq.attached:
+        if memory is None or not vq.attached or vq.enabled is False:
             return False
         status, notify = self.control.serve(vq, memory.rows, self._negotiated, self.max_vqp)
         if notify:
             self.notify(vq.index)
-        if status >= _FAULT:
+        if status >= _FAULT or vq.record["error"]:
             self.check_queue(vq)
             return False
         return self._arm(vq)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numba
@@ -35,9 +36,11 @@ def _cache_dir() -> str:
     root = Path(os.environ.get("VDPASIM_CACHE_DIR") or Path.home() / ".cache" / "vdpasim") / "numba"
     current = root / _digest()
     current.mkdir(parents=True, exist_ok=True)
-    for old in root.iterdir():  # caches of sources that no longer exist
-        if old != current and old.is_dir():
+    # Caches of other sources go once unused for a day: not at once, another checkout may be running them.
+    for old in root.iterdir():
+        if old != current and old.is_dir() and time.time() - old.stat().st_mtime > 86400:
             shutil.rmtree(old, ignore_errors=True)
+    os.utime(current)
     return str(current)
 
 

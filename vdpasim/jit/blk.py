@@ -35,6 +35,11 @@ memset where ``fallocate`` is not supported.
 
 Counters in the queue record: ``packets`` requests completed, ``successes`` completed with OK,
 ``errors`` completed otherwise (malformed ones included), ``bytes`` data bytes read or written.
+
+Live migration and restarts: with dirty logging on (``q.log``) the data and status bytes written into
+guest buffers are logged (jit/log.py); with inflight tracking on (``q.inflight``) every request is
+marked in flight when fetched and cleared when its completion is published (jit/inflight.py), and
+``blk_resubmit`` serves, before anything new, the requests a previous back-end left in flight.
 """
 
 from __future__ import annotations
@@ -63,7 +68,10 @@ from ..virtio.constants import (
 )
 from . import kernel
 from .chain import IOV_ADDR, IOV_LEN, iov_gather, iov_length, iov_scatter
+from .inflight import inflight_packed_walk, inflight_pop, inflight_publish, inflight_push, inflight_pushed
 from .intrinsics import load_u32, load_u64, memset, store_u8
+from .log import log_host, log_iov
+from .split import split_walk
 from .vq import vq_disable_notify, vq_enable_notify, vq_has_avail, vq_needs_notify, vq_pop, vq_publish, vq_push
 
 __all__ = [
@@ -85,6 +93,7 @@ __all__ = [
     "SCRATCH_BYTES",
     "new_blk_params",
     "blk_burst",
+    "blk_resubmit",
     "libc_fdatasync",
     "libc_fallocate",
 ]
@@ -354,6 +363,7 @@ def blk_burst(q_state, rows, iov, disk, params, ident, scratch, budget):
         if done == budget:
             more = True
             break
+        start = q.last_avail  # the chain's first ring position (packed inflight tracking)
         status, head, ndesc, n, readable = vq_pop(q, rows, iov)
         if status == _EMPTY:
             if params[P_BUSY_POLL]:
@@ -367,26 +377,74 @@ def blk_burst(q_state, rows, iov, disk, params, ident, scratch, budget):
             continue
         if status != _OK:
             break
+        if q.inflight:
+            inflight_pop(q, head, start, ndesc)
         done += 1
-        q.packets += 1
-        written = 0
-        if n == readable:
-            # Nowhere to put a status byte: hand the chain back untouched.
-            q.errors += 1
-        else:
-            result, written = blk_execute(q, iov, n, readable, disk, params, ident, scratch)
-            store_u8(iov[n - 1, IOV_ADDR] + iov[n - 1, IOV_LEN] - 1, result)
-            written += 1
-            if result == _S_OK:
-                q.successes += 1
-            else:
-                q.errors += 1
-        vq_push(q, head, ndesc, written)
+        _serve(q, rows, iov, head, ndesc, n, readable, disk, params, ident, scratch)
     if status == _EMPTY:
         status = _OK
     if more and not params[P_BUSY_POLL]:
         # Leaving with work queued: keep kicks on, so nothing depends on the caller coming back.
         vq_enable_notify(q)
     vq_publish(q)
+    if q.inflight:
+        inflight_publish(q)
     notify = done > 0 and vq_needs_notify(q)
     return status, done, notify, more
+
+
+@kernel(inline=True)
+def _serve(q, rows, iov, head, ndesc, n, readable, disk, params, ident, scratch):
+    """Execute one fetched request, write its status byte and hand the chain back."""
+    q.packets += 1
+    written = 0
+    if n == readable:
+        # Nowhere to put a status byte: hand the chain back untouched.
+        q.errors += 1
+    else:
+        result, written = blk_execute(q, iov, n, readable, disk, params, ident, scratch)
+        status_addr = iov[n - 1, IOV_ADDR] + iov[n - 1, IOV_LEN] - 1
+        store_u8(status_addr, result)
+        if q.log:
+            log_iov(q, rows, iov, readable, n, written)
+            log_host(q, rows, status_addr, 1)
+        written += 1
+        if result == _S_OK:
+            q.successes += 1
+        else:
+            q.errors += 1
+    if q.inflight:
+        inflight_push(q, head, ndesc)
+    vq_push(q, head, ndesc, written)
+    if q.inflight:
+        inflight_pushed(q)
+
+
+@kernel
+def blk_resubmit(q_state, rows, iov, disk, params, ident, scratch, entries, first, budget):
+    """Serve requests a previous back-end fetched and never completed, in fetch order.
+
+    ``entries`` lists their heads (split) or head region entries (packed), sorted by fetch counter;
+    serves entries[first:], at most ``budget``. Returns (status, position of the next entry, notify).
+    """
+    q = q_state[0]
+    status = _OK
+    position = first
+    while position < entries.shape[0] and position - first < budget:
+        entry = entries[position]
+        if q.packed:
+            status, head, ndesc, n, readable = inflight_packed_walk(q, rows, entry, iov)
+            q.inflight_entry = entry
+        else:
+            status, n, readable = split_walk(q, rows, entry, iov)
+            head = entry
+            ndesc = 1
+        if status != _OK:
+            break
+        position += 1
+        _serve(q, rows, iov, head, ndesc, n, readable, disk, params, ident, scratch)
+    vq_publish(q)
+    if q.inflight:
+        inflight_publish(q)
+    notify = position > first and vq_needs_notify(q)
+    return status, position, notify

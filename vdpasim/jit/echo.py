@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..rings.state import RingStatus
 from . import kernel
 from .chain import iov_copy, iov_length
+from .log import log_iov
 from .vq import vq_needs_notify, vq_pop, vq_publish, vq_push
 
 __all__ = ["echo_burst"]
@@ -29,6 +30,8 @@ def echo_burst(state, rows, iov, budget):
         if status != _OK:
             break
         written = iov_copy(iov, readable, n, 0, iov, 0, readable, 0, iov_length(iov, 0, readable))
+        if q.log:
+            log_iov(q, rows, iov, readable, n, written)
         vq_push(q, head, ndesc, written)
         q.packets += 1
         q.bytes += written

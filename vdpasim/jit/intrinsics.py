@@ -1,4 +1,4 @@
-"""LLVM-level building blocks Numba lacks: raw loads/stores, memcpy/memset, memory fences.
+"""LLVM-level building blocks Numba lacks: raw loads/stores, memcpy/memset, an atomic OR, memory fences.
 
 Guest memory is shared with another thread or process (the driver), so ring fields are read and
 written through host addresses, as a kernel or DPDK back-end does. Every address passed here was
@@ -26,6 +26,7 @@ __all__ = [
     "store_u64",
     "memcpy",
     "memset",
+    "atomic_or_u8",
     "fence_acquire",
     "fence_release",
     "fence_full",
@@ -85,6 +86,24 @@ def memset(typingctx, dst, byte, length):
         return context.get_dummy_value()
 
     return types.void(dst, byte, length), codegen
+
+
+@intrinsic
+def atomic_or_u8(typingctx, addr, value):
+    """``*addr |= value`` on one byte as one atomic read-modify-write (a ``lock or`` on x86).
+
+    For bitmaps another process clears concurrently (the dirty log QEMU reads and resets word by
+    word): a plain load-or-store could lose a bit the other side cleared in between, or resurrect one.
+    Sequentially consistent, so the data writes a bit stands for are visible before the bit.
+    """
+
+    def codegen(context, builder, signature, args):
+        a, v = (context.cast(builder, x, t, types.int64) for x, t in zip(args, signature.args, strict=True))
+        ptr = builder.inttoptr(a, ir.IntType(8).as_pointer())
+        builder.atomic_rmw("or", ptr, builder.trunc(v, ir.IntType(8)), "seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(addr, value), codegen
 
 
 def _make_fence(ordering: str):

@@ -8,6 +8,10 @@ an RX overrun (and the burst stops until the driver posts buffers).
 
 Responder mode answers ARP requests and ICMP echo requests for ``peer_ip`` as the host ``peer_mac``
 would, so a guest can ping it; anything else the guest sends is consumed and counted.
+
+``net_tx_discard`` serves a pair one of whose queues is disabled (started but told to have no side
+effects, vhost-user SET_VRING_ENABLE 0): TX chains are consumed and dropped, nothing is received.
+With dirty logging on, every byte written into RX buffers is logged (jit/log.py).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from ..rings.state import RingStatus
 from . import kernel
 from .chain import iov_copy, iov_fill, iov_gather, iov_length
 from .intrinsics import load_u8, memset, store_u8
+from .log import log_host, log_iov
 from .vq import vq_needs_notify, vq_pop, vq_publish, vq_push
 
 __all__ = [
@@ -26,6 +31,7 @@ __all__ = [
     "MODE_RESPONDER",
     "new_net_params",
     "net_tx_burst",
+    "net_tx_discard",
     "SCRATCH_BYTES",
 ]
 
@@ -136,6 +142,41 @@ def net_tx_burst(txq_state, rxq_state, rows, iov_tx, iov_rx, scratch, params, bu
     return status, done, notify_tx, notify_rx
 
 
+@kernel
+def net_tx_discard(txq_state, rxq_state, rows, iov_tx, params, budget, tx_disabled):
+    """Consume up to ``budget`` TX chains and deliver nothing. Returns (status, TX chains consumed, notify TX).
+
+    ``tx_disabled``: the TX queue is disabled, its frames count as TX drops. Otherwise the RX queue is
+    disabled: the frames were sent (TX packets and bytes) but the receiver took none (RX drops).
+    """
+    txq = txq_state[0]
+    rxq = rxq_state[0]
+    hdr_len = params[P_HDR_LEN]
+    status = _OK
+    done = 0
+    while done < budget:
+        status, head, ndesc, _, readable = vq_pop(txq, rows, iov_tx)
+        if status != _OK:
+            break
+        done += 1
+        if tx_disabled:
+            txq.drops += 1
+        else:
+            frame_len = iov_length(iov_tx, 0, readable) - hdr_len
+            if frame_len < _ETH_HLEN:
+                txq.errors += 1
+            else:
+                txq.packets += 1
+                txq.bytes += frame_len
+                rxq.drops += 1
+        vq_push(txq, head, ndesc, 0)
+    if status == _EMPTY:
+        status = _OK
+    vq_publish(txq)
+    notify_tx = done > 0 and vq_needs_notify(txq)
+    return status, done, notify_tx
+
+
 @kernel(inline=True)
 def _scratch_as_iov(scratch_addr, length, iov_tx):
     """Describe the scratch reply as a one-row iov, reusing the last row of the TX iov array."""
@@ -178,6 +219,8 @@ def _receive(rxq, rows, iov_rx, src, src_first, src_last, src_skip, length, para
             _zero_header(iov_rx, readable, n, hdr_len)
         chunk = iov_copy(iov_rx, readable, n, hdr_here, src, src_first, src_last, src_skip + offset, length - offset)
         offset += chunk
+        if rxq.log:
+            log_iov(rxq, rows, iov_rx, readable, n, hdr_here + chunk)
         vq_push(rxq, head, ndesc, hdr_here + chunk)
         buffers += 1
         if offset == length:
@@ -188,6 +231,9 @@ def _receive(rxq, rows, iov_rx, src, src_first, src_last, src_skip, length, para
     if hdr_len >= 12:
         store_u8(num_buffers_lo, buffers)
         store_u8(num_buffers_hi, buffers >> 8)
+        if rxq.log:  # logged again: the bit must follow the last write to the page
+            log_host(rxq, rows, num_buffers_lo, 1)
+            log_host(rxq, rows, num_buffers_hi, 1)
     rxq.packets += 1
     rxq.bytes += offset
     return _OK, buffers

@@ -7,7 +7,8 @@ Layout, little-endian, at the host addresses of the queue record:
 
 A descriptor is available when its AVAIL bit equals the driver's wrap counter and its USED bit does
 not; the device marks a used one by writing both bits equal to its own wrap counter (§2.8.1).
-Functions mirror rings/packed.py one for one and return the same RingStatus codes.
+Functions mirror rings/packed.py one for one and return the same RingStatus codes. Used entries (written
+into the descriptor ring) and device-area writes are logged when dirty logging is on (``q.log``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..virtio.constants import (
 from . import kernel
 from .chain import add_buffer, fail
 from .intrinsics import fence_acquire, fence_full, fence_release, load_u16, load_u32, load_u64, store_u16, store_u32
+from .log import log_descriptors, log_device_area
 from .memory import translate
 
 __all__ = [
@@ -139,6 +141,8 @@ def packed_push(q, buffer_id, ndesc, written):
     # WRITE says the device wrote data; without it the driver ignores len (§2.8.3, §2.8.4).
     flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if q.used_wrap else 0
     store_u16(desc + 14, flags | VIRTQ_DESC_F_WRITE if written else flags)
+    if q.log:
+        log_descriptors(q, desc, 16)
     q.used_idx += ndesc
     if q.used_idx >= q.size:
         q.used_idx -= q.size
@@ -183,9 +187,13 @@ def packed_enable_notify(q):
         store_u16(q.device + 2, RING_EVENT_FLAGS_DESC)
     else:
         store_u16(q.device + 2, RING_EVENT_FLAGS_ENABLE)
+    if q.log:
+        log_device_area(q, q.device, 4)
     fence_full()
 
 
 @kernel
 def packed_disable_notify(q):
     store_u16(q.device + 2, RING_EVENT_FLAGS_DISABLE)
+    if q.log:
+        log_device_area(q, q.device + 2, 2)

@@ -5,7 +5,8 @@ Layout, all little-endian, at the host addresses of the queue record:
   available ring (q.driver):  le16 flags; le16 idx; le16 ring[size]; le16 used_event
   used ring (q.device):       le16 flags; le16 idx; struct { le32 id; le32 len; } ring[size]; le16 avail_event
 
-Functions mirror rings/split.py one for one and return the same RingStatus codes.
+Functions mirror rings/split.py one for one and return the same RingStatus codes. Every write to the
+used ring is logged when dirty logging is on (``q.log``, jit/log.py): one untaken branch otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..virtio.constants import (
 from . import kernel
 from .chain import add_buffer, fail
 from .intrinsics import fence_acquire, fence_full, fence_release, load_u16, load_u32, load_u64, store_u16, store_u32
+from .log import log_device_area
 from .memory import translate
 
 __all__ = [
@@ -132,6 +134,8 @@ def split_push(q, head, ndesc, written):
     elem = q.device + 4 + 8 * (q.used_idx % q.size)
     store_u32(elem, head)
     store_u32(elem + 4, written)
+    if q.log:
+        log_device_area(q, elem, 8)
     q.used_idx = (q.used_idx + 1) & 0xFFFF
 
 
@@ -139,6 +143,8 @@ def split_push(q, head, ndesc, written):
 def split_publish(q):
     fence_release()  # used elements before the index that publishes them
     store_u16(q.device + 2, q.used_idx)
+    if q.log:
+        log_device_area(q, q.device + 2, 2)
 
 
 @kernel
@@ -163,8 +169,12 @@ def split_enable_notify(q):
     """Ask for a kick when more buffers arrive; the caller re-checks split_has_avail afterwards."""
     if q.event_idx:
         store_u16(q.device + 4 + 8 * q.size, q.last_avail)
+        if q.log:
+            log_device_area(q, q.device + 4 + 8 * q.size, 2)
     else:
         store_u16(q.device, 0)
+        if q.log:
+            log_device_area(q, q.device, 2)
     fence_full()
 
 
@@ -172,3 +182,5 @@ def split_enable_notify(q):
 def split_disable_notify(q):
     if not q.event_idx:
         store_u16(q.device, VIRTQ_USED_F_NO_NOTIFY)
+        if q.log:
+            log_device_area(q, q.device, 2)

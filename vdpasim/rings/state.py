@@ -52,6 +52,19 @@ QUEUE_DTYPE = np.dtype(
         ("successes", np.int64),
         ("kicks", np.int64),
         ("notifications", np.int64),
+        # Dirty-page logging (jit/log.py): host address and byte size of the bitmap (0: logging off);
+        # whether ring writes are logged (vhost VHOST_VRING_F_LOG), the guest address the device area is
+        # logged at, and the guest address of the descriptor area (packed used entries are written there).
+        ("log", np.int64),
+        ("log_size", np.int64),
+        ("log_ring", np.int64),
+        ("log_used", np.int64),
+        ("log_desc", np.int64),
+        # Inflight tracking (jit/inflight.py): host address of this queue's region (0: off), the fetch
+        # counter, and the region entry of the chain being served (packed layout).
+        ("inflight", np.int64),
+        ("inflight_counter", np.int64),
+        ("inflight_entry", np.int64),
     ]
 )
 
@@ -75,6 +88,8 @@ class RingStatus(enum.IntEnum):
     WRITE_BEFORE_READ = 20  # a device-readable descriptor after a device-writable one
     READ_ONLY_MEMORY = 21  # a device-writable buffer in a read-only region
     BAD_REQUEST = 22  # the device could not parse the request (device-specific)
+    LOG_OUT_OF_RANGE = 23  # a write to log lies beyond the dirty log the front-end gave
+    INFLIGHT_CORRUPT = 24  # an index in the inflight region is out of range
 
     @property
     def is_fault(self) -> bool:
@@ -99,6 +114,8 @@ _DESCRIPTIONS = {
     RingStatus.WRITE_BEFORE_READ: "device-readable descriptor after a device-writable one",
     RingStatus.READ_ONLY_MEMORY: "device-writable buffer in read-only memory",
     RingStatus.BAD_REQUEST: "malformed request",
+    RingStatus.LOG_OUT_OF_RANGE: "guest write beyond the end of the dirty log",
+    RingStatus.INFLIGHT_CORRUPT: "inflight region entry out of range",
 }
 
 
