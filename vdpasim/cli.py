@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, demo
+from . import bench, cli_dev, demo
 from .guest import cli as guest_cli
 
 __all__ = ["main"]
@@ -13,10 +13,13 @@ __all__ = ["main"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdpasim", description="Userspace vDPA device simulator")
+    parser.add_argument("-j", "--json", action="store_true", help="JSON output (dev, mgmtdev, daemon)")
+    parser.add_argument("-p", "--pretty", action="store_true", help="indented JSON output")
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(commands)
     bench.add_parser(commands)
     guest_cli.add_parser(commands)
+    cli_dev.add_parsers(commands)
     return parser
 
 

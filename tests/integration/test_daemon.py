@@ -1,0 +1,448 @@
+"""The daemon as users run it: a real ``vdpasim daemon`` process, driven by the real ``vdpasim`` command.
+
+Each test has its own runtime directory (``VDPASIM_RUNTIME_DIR``) and ends every daemon it started
+by its PID. What is checked is what a user or a front-end can observe: files and their modes, the
+command's output and exit status, the daemon's exit status and log, what its process maps.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bridge.vhost_user.messages import U64, MemoryRegion, MemoryTable, Message
+from bridge.vhost_user.messages import FrontendRequest as F
+from bridge.vhost_user.transport import MessageStream
+from vdpasim.control import MAX_MESSAGE, ControlClient, ControlError, decode_response
+from vdpasim.runtime import RuntimeDir
+from vdpasim.testing.daemon import VDPASIM, DaemonProcess, end_daemon_of, fresh_runtime, process_gone, run_cli
+
+
+@pytest.fixture
+def daemon() -> Iterator[DaemonProcess]:
+    with DaemonProcess() as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def daemon_with_keep() -> Iterator[DaemonProcess]:
+    """One daemon with one device, "keep", shared by the error cases (none of which may change anything)."""
+    with DaemonProcess() as d:
+        d.cli("dev", "add", "name", "keep", "mgmtdev", "vdpasim_net")
+        yield d
+
+
+@pytest.fixture
+def runtime() -> Iterator[RuntimeDir]:
+    """A runtime directory with no daemon yet; whatever daemon ends up on it is ended by pid."""
+    rt = fresh_runtime()
+    try:
+        yield rt
+    finally:
+        end_daemon_of(rt)
+        shutil.rmtree(rt.path.parent, ignore_errors=True)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def _error_line(result) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+# ----- permissions, lock, life cycle -----
+def test_runtime_dir_and_sockets_are_private(daemon: DaemonProcess) -> None:
+    rt = daemon.runtime
+    assert _mode(rt.path) == 0o700
+    assert stat.S_ISSOCK(rt.control_socket.lstat().st_mode) and _mode(rt.control_socket) == 0o600
+    assert rt.pid_file.read_text().strip() == str(daemon.pid)
+    assert _mode(rt.pid_file) == 0o600
+    added = daemon.json("dev", "add", "name", "net0", "mgmtdev", "vdpasim_net")
+    sock = Path(added["dev"]["net0"]["vhost_user_socket"])
+    assert sock == rt.path / "net0.vhost-user.sock"
+    assert stat.S_ISSOCK(sock.lstat().st_mode) and _mode(sock) == 0o600
+    status = daemon.json("daemon", "status")["daemon"]
+    assert status["pid"] == daemon.pid and status["runtime_dir"] == str(rt.path) and status["devices"] == ["net0"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly(daemon: DaemonProcess, sig: int) -> None:
+    daemon.cli("dev", "add", "name", "n1", "mgmtdev", "vdpasim_net")
+    daemon.cli("dev", "add", "name", "b1", "mgmtdev", "vdpasim_blk", "capacity", "1M")
+    # A front-end is connected when the signal comes: it must see its socket close.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as front_end:
+        front_end.connect(str(daemon.runtime.path / "n1.vhost-user.sock"))
+        front_end.settimeout(30)
+        assert daemon.stop(sig) == 0
+        assert front_end.recv(1) == b""  # EOF: the back-end closed the connection
+    assert sorted(p.name for p in daemon.runtime.path.iterdir()) == []  # sockets, pidfile: all gone
+    log = daemon.log()
+    assert f"stopping on {signal.Signals(sig).name}: 2 device(s)" in log
+    assert "n1: stopped" in log and "b1: stopped" in log and "Traceback" not in log
+
+
+def test_second_daemon_on_the_same_dir_is_refused(daemon: DaemonProcess) -> None:
+    second = run_cli(daemon.runtime, "daemon", check=False)
+    assert second.returncode == 1
+    assert f"a vdpasim daemon (pid {daemon.pid}) already serves {daemon.runtime.path}" in second.stderr
+    # The first one is untouched: same lock, same socket, still answering.
+    assert daemon.runtime.pid_file.read_text().strip() == str(daemon.pid)
+    assert daemon.json("daemon", "status")["daemon"]["pid"] == daemon.pid
+
+
+def test_two_daemons_side_by_side() -> None:
+    with DaemonProcess() as one, DaemonProcess() as two:
+        assert one.runtime.path != two.runtime.path
+        a = one.json("dev", "add", "name", "same", "mgmtdev", "vdpasim_net", "mac", "02:00:00:00:00:0a")
+        b = two.json("dev", "add", "name", "same", "mgmtdev", "vdpasim_net", "mac", "02:00:00:00:00:0b")
+        assert a["dev"]["same"]["vhost_user_socket"] != b["dev"]["same"]["vhost_user_socket"]
+        assert one.json("dev", "show", "same")["dev"]["same"]["mac"] == "02:00:00:00:00:0a"
+        assert two.json("dev", "show", "same")["dev"]["same"]["mac"] == "02:00:00:00:00:0b"
+        one.cli("dev", "del", "same")
+        assert one.json("dev", "show") == {"dev": {}}
+        assert list(two.json("dev", "show")["dev"]) == ["same"]
+
+
+@pytest.mark.parametrize("problem", ["group-readable", "symlink", "other-owner", "not-a-dir"])
+def test_unsafe_runtime_dir_is_refused(runtime: RuntimeDir, problem: str) -> None:
+    runtime.path.parent.mkdir(mode=0o700, exist_ok=True)
+    if problem == "group-readable":
+        runtime.path.mkdir(mode=0o700)
+        os.chmod(runtime.path, 0o750)
+        expected = "has mode 0750"
+    elif problem == "symlink":
+        target = runtime.path.parent / "elsewhere"
+        target.mkdir(mode=0o700)
+        runtime.path.symlink_to(target)
+        expected = "is a symbolic link"
+    elif problem == "other-owner":
+        runtime.path.mkdir(mode=0o700)
+        if os.geteuid() != 0:
+            pytest.fail("needs root to give a directory away (CI runs as root)")
+        os.chown(runtime.path, 65534, 65534)
+        expected = "belongs to uid 65534"
+    else:
+        runtime.path.write_text("")
+        expected = "is not a directory"
+    result = run_cli(runtime, "daemon", check=False)
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert not runtime.control_socket.exists() and not runtime.pid_file.exists()
+    # Commands that would start a daemon refuse too, with the same reason.
+    add = run_cli(runtime, "dev", "add", "name", "x", "mgmtdev", "vdpasim_net", check=False)
+    assert add.returncode == 1 and expected in add.stderr
+
+
+def test_auto_start_then_stop(runtime: RuntimeDir) -> None:
+    assert not runtime.path.exists()
+    none = run_cli(runtime, "daemon", "status", check=False)
+    assert none.returncode == 1 and "no daemon serves" in none.stderr
+    assert run_cli(runtime, "-j", "dev", "show").stdout.strip() == '{"dev": {}}'  # reads start nothing
+    assert not runtime.path.exists()
+
+    added = run_cli(runtime, "-j", "dev", "add", "name", "auto0", "mgmtdev", "vdpasim_net")
+    assert "started a daemon" in added.stderr
+    assert _mode(runtime.path) == 0o700 and _mode(runtime.log_file) == 0o600
+    pid = json.loads(run_cli(runtime, "-j", "daemon", "status").stdout)["daemon"]["pid"]
+    assert runtime.daemon_pid() == pid and not process_gone(pid)
+    assert json.loads(added.stdout)["dev"]["auto0"]["mgmtdev"] == "vdpasim_net"
+
+    # A second add finds the running daemon and starts no other.
+    again = run_cli(runtime, "dev", "add", "name", "auto1", "mgmtdev", "vdpasim_blk")
+    assert "started a daemon" not in again.stderr
+    assert json.loads(run_cli(runtime, "-j", "daemon", "status").stdout)["daemon"]["devices"] == ["auto0", "auto1"]
+
+    stopped = run_cli(runtime, "daemon", "stop")
+    assert f"stopped the daemon (pid {pid})" in stopped.stderr
+    deadline = time.monotonic() + 20
+    while not process_gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process_gone(pid)
+    assert sorted(p.name for p in runtime.path.iterdir()) == ["daemon.log"]
+    log = runtime.log_file.read_text()
+    assert "auto0: added (vdpasim_net)" in log and "auto1: stopped" in log and log.rstrip().endswith("stopped")
+    assert "no daemon serves" in run_cli(runtime, "daemon", "stop").stderr  # idempotent
+
+
+def test_racing_commands_start_one_daemon(runtime: RuntimeDir) -> None:
+    env = {**os.environ, "VDPASIM_RUNTIME_DIR": str(runtime.path)}
+    commands = [
+        subprocess.Popen(
+            [*VDPASIM, "dev", "add", "name", f"race{i}", "mgmtdev", "vdpasim_net"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    outputs = [(p.wait(120), *p.communicate()) for p in commands]
+    assert [rc for rc, _, _ in outputs] == [0, 0, 0], outputs
+    status = json.loads(run_cli(runtime, "-j", "daemon", "status").stdout)["daemon"]
+    assert status["devices"] == ["race0", "race1", "race2"]
+    assert runtime.daemon_pid() == status["pid"]
+    # Losers of the start race said why they stopped; no other daemon lives on.
+    daemons = [p for p in _pids_with_env(str(runtime.path)) if p != status["pid"]]
+    assert daemons == []
+
+
+def _pids_with_env(runtime_path: str) -> list[int]:
+    """Live processes whose environment names this runtime directory and which run ``vdpasim daemon``."""
+    found = []
+    marker = f"VDPASIM_RUNTIME_DIR={runtime_path}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or process_gone(int(entry.name)):
+            continue
+        try:
+            if (
+                marker in (entry / "environ").read_bytes().split(b"\0")
+                and b"daemon" in (entry / "cmdline").read_bytes()
+            ):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_restart_after_a_killed_daemon_removes_its_sockets(runtime: RuntimeDir) -> None:
+    first = DaemonProcess(runtime).start()
+    first.cli("dev", "add", "name", "k0", "mgmtdev", "vdpasim_net")
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    left = sorted(p.name for p in runtime.path.iterdir())
+    assert {"control.sock", "k0.vhost-user.sock", "daemon.pid"} <= set(left)
+    assert runtime.daemon_pid() is None  # the kernel dropped the lock with the process
+    assert run_cli(runtime, "daemon", "status", check=False).returncode == 1  # a dead socket is no daemon
+    second = DaemonProcess(runtime).start()
+    try:
+        assert "removed a stale socket" in second.log()
+        assert not (runtime.path / "k0.vhost-user.sock").exists()
+        assert second.json("dev", "show") == {"dev": {}}
+        second.cli("dev", "add", "name", "k0", "mgmtdev", "vdpasim_net")  # the name is free again
+    finally:
+        assert second.stop() == 0
+
+
+# ----- CLI round trips -----
+def test_net_round_trip(daemon: DaemonProcess) -> None:
+    added = daemon.json(
+        "dev", "add", "name", "net0", "mgmtdev", "vdpasim_net", "mac", "02:11:22:33:44:55", "mtu", "9000",
+        "max_vqp", "2", "mode", "responder", "peer_ip", "10.1.0.2",
+    )  # fmt: skip
+    dev = added["dev"]["net0"]
+    assert dev["type"] == "network" and dev["mgmtdev"] == "vdpasim_net"
+    assert (dev["mac"], dev["mtu"], dev["max_vqp"], dev["mode"], dev["peer_ip"]) == (
+        "02:11:22:33:44:55", 9000, 2, "responder", "10.1.0.2",
+    )  # fmt: skip
+    assert dev["max_vqs"] == 5 and dev["max_vq_size"] == 256 and dev["status"] == []
+    assert "MAC" in dev["device_features"] and "MQ" in dev["device_features"] and "VERSION_1" in dev["device_features"]
+    assert "negotiated_features" not in dev  # no driver has set FEATURES_OK
+    assert daemon.json("dev", "show", "net0") == added
+    assert daemon.json("dev", "show") == added
+
+    text = daemon.cli("dev", "show").stdout
+    for word in ("net0", "network", "vdpasim_net", "02:11:22:33:44:55", dev["vhost_user_socket"]):
+        assert word in text
+    detail = daemon.cli("dev", "show", "net0").stdout
+    assert "responder" in detail and "10.1.0.2" in detail and "9000" in detail
+
+    types = {q: daemon.json("dev", "vstats", "show", "net0", "qidx", str(q))["vstats"]["net0"] for q in (0, 1, 4)}
+    assert [types[q]["queue_type"] for q in (0, 1, 4)] == ["rx", "tx", "control_vq"]
+    assert types[0]["stats"] == {"rx packets": 0, "rx bytes": 0, "rx errors": 0, "rx overruns": 0, "rx drops": 0}
+    assert set(types[1]["stats"]) == {"tx packets", "tx bytes", "tx errors", "tx drops"}
+    assert set(types[4]["stats"]) == {"cvq requests", "cvq successes", "cvq errors"}
+    vtext = daemon.cli("dev", "vstats", "show", "net0", "qidx", "1").stdout
+    assert "net0 queue 1 (tx)" in vtext and "tx packets" in vtext
+
+    deleted = daemon.cli("dev", "del", "name", "net0")
+    assert "deleted net0" in deleted.stderr
+    assert not Path(dev["vhost_user_socket"]).exists()
+    assert daemon.json("dev", "show") == {"dev": {}}
+
+
+def test_blk_round_trip(daemon: DaemonProcess, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    made = daemon.json(
+        "dev", "add", "name", "blk0", "mgmtdev", "vdpasim_blk", "capacity", "2M", "file", str(image), "create"
+    )["dev"]["blk0"]
+    assert image.stat().st_size == 2 << 20
+    assert (made["type"], made["capacity"], made["size"], made["file"], made["read_only"]) == (
+        "block", 4096, 2 << 20, str(image), False,
+    )  # fmt: skip
+    ro = daemon.json("dev", "add", "name", "blk1", "mgmtdev", "vdpasim_blk", "file", str(image), "read_only")
+    assert ro["dev"]["blk1"]["read_only"] is True and "RO" in ro["dev"]["blk1"]["device_features"]
+    assert ro["dev"]["blk1"]["capacity"] == 4096  # the image's size
+    ram = daemon.json("dev", "add", "name", "blk2", "mgmtdev", "vdpasim_blk", "size", "64M", "num_queues", "2")
+    assert ram["dev"]["blk2"]["file"] is None and ram["dev"]["blk2"]["max_vqs"] == 2
+
+    text = daemon.cli("dev", "show").stdout
+    assert "4096 sectors (2 MiB)" in text and "131072 sectors (64 MiB)" in text
+    stats = daemon.json("dev", "vstats", "show", "blk2", "qidx", "1")["vstats"]["blk2"]
+    assert stats == {"queue_index": 1, "queue_type": "request", "stats": dict.fromkeys(
+        ("requests", "successes", "errors", "bytes"), 0)}  # fmt: skip
+    assert "requests" in daemon.cli("dev", "vstats", "show", "blk0", "qidx", "0").stdout
+    for name in ("blk0", "blk1", "blk2"):
+        daemon.cli("dev", "del", name)
+    assert image.stat().st_size == 2 << 20  # the image stays
+    assert sorted(p.name for p in daemon.runtime.path.iterdir()) == ["control.sock", "daemon.pid"]
+
+
+def test_mgmtdev_show(daemon: DaemonProcess) -> None:
+    shown = daemon.json("mgmtdev", "show")["mgmtdev"]
+    assert set(shown) == {"vdpasim_net", "vdpasim_blk"}
+    assert shown["vdpasim_net"]["supported_classes"] == ["net"]
+    assert shown["vdpasim_blk"]["supported_classes"] == ["block"]
+    assert "mac" in shown["vdpasim_net"]["attributes"] and "capacity" in shown["vdpasim_blk"]["attributes"]
+    assert daemon.json("mgmtdev", "show", "vdpasim_blk") == {"mgmtdev": {"vdpasim_blk": shown["vdpasim_blk"]}}
+    assert "vdpasim_net" in daemon.cli("mgmtdev", "show").stdout
+
+
+@pytest.mark.parametrize(
+    ("words", "status", "message"),
+    [
+        (["add", "name", "bad", "mgmtdev", "vdpasim_net", "mac", "02:00:zz:00:00:01"], 1, "is not a MAC address"),
+        (["add", "name", "bad", "mgmtdev", "vdpasim_net", "mac", "01:00:00:00:00:01"], 1, "multicast"),
+        (["add", "name", "bad", "mgmtdev", "vdpasim_net", "mtu", "60"], 1, "mtu: 60 is outside 68..65535 (EINVAL)"),
+        (["add", "name", "bad", "mgmtdev", "vdpasim_net", "max_vqp", "0"], 1, "max_vqp: 0 is outside"),
+        (["add", "name", "bad", "mgmtdev", "vdpasim_net", "mode", "responder"], 1, "peer_ip: responder mode needs"),
+        (["add", "name", "keep", "mgmtdev", "vdpasim_net"], 1, "device 'keep' already exists (EEXIST)"),
+        (["add", "name", "bad", "mgmtdev", "vdpasim_nope"], 1, "management device 'vdpasim_nope' not found"),
+        (["add", "name", "bad", "mgmtdev", "vdpasim_blk", "mac", "02:00:00:00:00:01"], 1, "mac (EOPNOTSUPP)"),
+        (["add", "name", "bad", "mgmtdev", "vdpasim_blk", "capacity", "1000"], 1, "multiple of 512 (EINVAL)"),
+        (["add", "name", "bad", "mgmtdev", "vdpasim_blk", "file", "/nonexistent/x.img"], 1, "No such file"),
+        (["add", "name", "bad/name", "mgmtdev", "vdpasim_net"], 1, "is not a device name"),
+        (["add", "name", "x" * 80, "mgmtdev", "vdpasim_net"], 1, "is not a device name"),
+        (["del", "ghost"], 1, "device 'ghost' not found (ENODEV)"),
+        (["show", "ghost"], 1, "device 'ghost' not found (ENODEV)"),
+        (["vstats", "show", "ghost", "qidx", "0"], 1, "not found (ENODEV)"),
+        (["vstats", "show", "keep", "qidx", "7"], 1, "no queue 7"),
+        (["add", "name", "bad", "mgmtdev"], 2, '"mgmtdev" needs a value'),
+        (["add", "mgmtdev", "vdpasim_net"], 2, 'dev add needs "name"'),
+        (["add", "name", "bad", "mgmtdev", "vdpasim_net", "colour", "red"], 2, 'unknown option "colour"'),
+        (["vstats", "show", "keep"], 2, "usage: dev vstats show NAME qidx Q"),
+        (["frobnicate"], 2, 'unknown dev command "frobnicate"'),
+    ],
+)
+def test_errors_are_clear_and_harmless(
+    daemon_with_keep: DaemonProcess, words: list[str], status: int, message: str
+) -> None:
+    daemon = daemon_with_keep
+    result = daemon.cli("dev", *words, check=False)
+    assert result.returncode == status, result.stderr
+    assert result.stdout == ""
+    assert message in result.stderr
+    assert _error_line(result).startswith("error: ")
+    # Nothing else changed, and the daemon serves on.
+    assert list(daemon.json("dev", "show")["dev"]) == ["keep"]
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_socket_path_too_long_is_refused(runtime: RuntimeDir) -> None:
+    deep = RuntimeDir(runtime.path.parent / ("d" * 60) / "run")
+    with DaemonProcess(deep) as d:
+        result = d.cli("dev", "add", "name", "n" * 40, "mgmtdev", "vdpasim_net", check=False)
+        assert result.returncode == 1 and "ENAMETOOLONG" in result.stderr and "107 bytes" in result.stderr
+        assert d.json("dev", "show") == {"dev": {}}
+
+
+# ----- the control socket under bad input -----
+def test_malformed_control_messages_get_answers(daemon: DaemonProcess) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as raw:
+        raw.connect(str(daemon.runtime.control_socket))
+        raw.settimeout(30)
+        cases = [
+            (b"not json", errno.EINVAL),
+            (b"[1, 2]", errno.EINVAL),
+            (b'{"vdpasim": 9, "op": "dev_get"}', errno.EPROTO),
+            (b'{"vdpasim": 1, "op": "dev_explode"}', errno.EOPNOTSUPP),
+            (b'{"vdpasim": 1, "op": "dev_new", "args": {"name": 5, "mgmtdev": "vdpasim_net"}}', errno.EINVAL),
+            (b'{"vdpasim": 1, "op": "dev_new", "args": {"name": "q", "mgmtdev": "vdpasim_net", "mtu": [1]}}', 22),
+            (b'{"vdpasim": 1, "op": "dev_vstats_get", "args": {"name": "q", "qidx": "x"}}', errno.ENODEV),
+            (b"{" + b" " * MAX_MESSAGE + b"}", errno.EMSGSIZE),
+        ]
+        for data, expected in cases:
+            raw.send(data)
+            response = decode_response(raw.recv(MAX_MESSAGE + 1))
+            assert response.errno == expected, (data[:80], response)
+            assert response.error
+    with ControlClient(daemon.runtime.control_socket) as client:
+        with pytest.raises(ControlError) as refused:
+            client.request("dev_del", name="nothing")
+        assert refused.value.errno == errno.ENODEV
+        assert client.request("dev_get") == {}
+    assert "Traceback" not in daemon.log()
+
+
+# ----- a front-end that leaves -----
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def _eventfds(pid: int) -> int:
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd) == "anon_inode:[eventfd]"
+        except FileNotFoundError:  # closed while we looked
+            continue
+    return count
+
+
+def test_front_end_leaving_releases_memory_and_fds(daemon: DaemonProcess) -> None:
+    daemon.cli("dev", "add", "name", "fe0", "mgmtdev", "vdpasim_net")
+    sock_path = daemon.runtime.path / "fe0.vhost-user.sock"
+    tag = f"vds-guest-ram-{uuid.uuid4().hex[:8]}"
+    eventfds_before = _eventfds(daemon.pid)
+    memfd = os.memfd_create(tag)
+    calls = [os.eventfd(0) for _ in range(2)]
+    try:
+        os.ftruncate(memfd, 4 << 20)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(sock_path))
+        sock.settimeout(30)
+        stream = MessageStream(sock)
+        stream.send(Message(F.GET_FEATURES))
+        assert stream.receive() is not None
+        stream.send(Message(F.SET_OWNER))
+        region = MemoryRegion(guest_addr=0, size=4 << 20, user_addr=0x7F0000000000, mmap_offset=0)
+        stream.send(Message(F.SET_MEM_TABLE, MemoryTable((region,)), fds=(memfd,)))
+        for index, call in enumerate(calls):
+            stream.send(Message(F.SET_VRING_CALL, U64(index), fds=(call,)))
+        stream.send(Message(F.GET_FEATURES))  # its reply proves every request before it was handled
+        assert stream.receive() is not None
+        assert tag in _maps(daemon.pid), daemon.log()  # guest RAM is mapped...
+        assert _eventfds(daemon.pid) == eventfds_before + len(calls), daemon.log()  # ...and the call fds held
+        shown = daemon.json("dev", "show", "fe0")["dev"]["fe0"]
+        assert shown["vhost_user_connections"] == 1
+        stream.close()  # the front-end leaves
+
+        deadline = time.monotonic() + 20
+        while (tag in _maps(daemon.pid) or _eventfds(daemon.pid) != eventfds_before) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert tag not in _maps(daemon.pid), daemon.log()
+        assert _eventfds(daemon.pid) == eventfds_before, daemon.log()
+        assert daemon.json("dev", "show", "fe0")["dev"]["fe0"]["status"] == []
+        assert "front-end left" in daemon.log()
+        # The device serves the next front-end.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as again:
+            again.connect(str(sock_path))
+            again.settimeout(30)
+            second = MessageStream(again)
+            second.send(Message(F.GET_FEATURES))
+            assert second.receive() is not None
+    finally:
+        os.close(memfd)
+        for fd in calls:
+            os.close(fd)
