@@ -144,7 +144,7 @@ netstats() {
 	for _f in "$_d"/statistics/*; do _s="$_s,\"${_f##*/}\":$(cat "$_f")"; done
 	_rxq=$(ls -d "$_d"/queues/rx-* 2>/dev/null | wc -l)
 	_txq=$(ls -d "$_d"/queues/tx-* 2>/dev/null | wc -l)
-	result "{\"type\":\"netstats\",\"iface\":$(json_str "$IFACE"),\"address\":$(json_str "$(cat "$_d/address")"),\"mtu\":$(cat "$_d/mtu"),\"rx_queues\":$_rxq,\"tx_queues\":$_txq,\"stats\":{${_s#,}}}"
+	result "{\"type\":\"netstats\",\"iface\":$(json_str "$IFACE"),\"address\":$(json_str "$(cat "$_d/address")"),\"mtu\":$(cat "$_d/mtu"),\"rx_queues\":$_rxq,\"tx_queues\":$_txq,\"carrier\":$(cat "$_d/carrier" 2>/dev/null || echo null),\"features\":$(json_str "$(cat "$_d/device/features" 2>/dev/null)"),\"stats\":{${_s#,}}}"
 }
 
 # --- workloads ------------------------------------------------------------------------------------
@@ -178,7 +178,12 @@ wl_ping() {
 
 wl_net_loopback() {
 	net_up "" || return 1
-	_out=$(vdpasim-pktloop "$IFACE" "$(wparam count 30)" "$(wparam min_len 60)" "$(wparam max_len 1514)" \
+	# vdpasim.loop_cpu=N runs the sender on CPU N: with several queue pairs the kernel picks the
+	# transmit queue by CPU (XPS), so this chooses the pair the frames travel on.
+	_pin=""
+	_cpu=$(wparam cpu "")
+	[ -n "$_cpu" ] && _pin="taskset -c $_cpu"
+	_out=$($_pin vdpasim-pktloop "$IFACE" "$(wparam count 30)" "$(wparam min_len 60)" "$(wparam max_len 1514)" \
 		"$(wparam seed 1)" "$(wparam timeout_ms 3000)" "$(wparam frames 1)")
 	_rc=$?
 	result "$_out"
@@ -243,7 +248,7 @@ wl_blk() {
 	_limits="\"logical_block_size\":$(cat $_qd/logical_block_size),\"discard_max_bytes\":$(cat $_qd/discard_max_bytes),\"write_zeroes_max_bytes\":$(cat $_qd/write_zeroes_max_bytes),\"write_cache\":$(json_str "$(cat $_qd/write_cache)"),\"read_only\":$(cat /sys/block/$_name/ro)"
 	set -- $(cat /sys/block/"$_name"/stat)
 	_stat="\"read_ios\":$1,\"read_sectors\":$3,\"write_ios\":$5,\"write_sectors\":$7,\"discard_ios\":${12:-0},\"discard_sectors\":${14:-0},\"flush_ios\":${16:-0}"
-	result "{\"type\":\"blk\",\"dev\":$(json_str "$_dev"),\"size\":$_devsize,\"offset\":$_off,\"length\":$_len,\"write_rc\":$_wrc,\"flush\":$_flush,\"pattern_sha256\":\"$_pattern\",\"head_sha256\":\"$_head\",\"readback_sha256\":\"$_readback\",\"final_sha256\":\"$_final\",\"write_ms\":$((_t1 - _t0)),\"read_ms\":$((_t2 - _t1))${_ranges},\"queue\":{$_limits},\"stat\":{$_stat},\"ok\":$_ok}"
+	result "{\"type\":\"blk\",\"dev\":$(json_str "$_dev"),\"features\":$(json_str "$(cat /sys/block/"$_name"/device/features 2>/dev/null)"),\"size\":$_devsize,\"offset\":$_off,\"length\":$_len,\"write_rc\":$_wrc,\"flush\":$_flush,\"pattern_sha256\":\"$_pattern\",\"head_sha256\":\"$_head\",\"readback_sha256\":\"$_readback\",\"final_sha256\":\"$_final\",\"write_ms\":$((_t1 - _t0)),\"read_ms\":$((_t2 - _t1))${_ranges},\"queue\":{$_limits},\"stat\":{$_stat},\"ok\":$_ok}"
 	[ "$_ok" = true ]
 }
 

@@ -189,6 +189,7 @@ class GuestVM:
     memory_mb: int = 1024
     smp: int = 2
     cpu: str = "max"
+    accel: str = "tcg"  # "tcg,thread=single": one host thread runs every vCPU (see docs/vhost-user.md)
     shared_memory: bool = False
     host_root: bool = False
     pass_fds: Sequence[int] = ()
@@ -203,7 +204,7 @@ class GuestVM:
         cmd = [
             self.qemu,
             "-accel",
-            "tcg",
+            self.accel,
             "-cpu",
             self.cpu,
             "-m",
