@@ -86,6 +86,15 @@ def test_vduse_kernel_mode_net_vhost_and_blk(image: GuestImage, generic_cache: P
     assert net["device_tx_packets"] == net["tx_packets"] and net["device_rx_packets"] == net["rx_packets"]
     assert net["messages"]["failed"] == 0 and net["messages"]["SET_STATUS"] > 0
 
+    # Our pyroute2 client and iproute2 see the same device through the kernel's family.
+    parity = result.result("vduse-parity")
+    assert parity["pyroute2_dev"] == parity["iproute2_dev"]
+    assert parity["iproute2_dev"]["dev"]["vduse-net0"]["mgmtdev"] == "vduse"
+    assert parity["iproute2_dev"]["dev"]["vduse-net0"]["max_vqs"] == 2  # no control queue under VDUSE
+    assert parity["pyroute2_config"] == parity["iproute2_config"]
+    config = parity["iproute2_config"]["config"]["vduse-net0"]
+    assert config["mac"] == MAC and "CTRL_VQ" not in config["negotiated_features"]
+
     vhost = result.result("vduse-vhost")
     assert vhost["node"].startswith("/dev/vhost-vdpa-")
     assert vhost["device_id"] == 1

@@ -105,3 +105,34 @@ def test_a_blk_device_passes_as_the_model_offers_it() -> None:
         assert not vduse_features(device) >> c.VIRTIO_BLK_F_CONFIG_WCE & 1
     finally:
         device.close()
+
+
+def _request(kind: int, request_id: int = 1) -> abi.vduse_dev_request:
+    return abi.vduse_dev_request(type=kind, request_id=request_id)
+
+
+def test_messages_that_need_no_kernel_are_answered_from_the_model() -> None:
+    device = NetDevice(vduse_net_config("vd1"))
+    vduse = VduseDevice(device)  # not created: only the message handler is exercised
+    try:
+        status = _request(abi.VDUSE_SET_STATUS, 5)
+        status.s.status = c.VIRTIO_CONFIG_S_ACKNOWLEDGE | c.VIRTIO_CONFIG_S_DRIVER
+        reply = vduse.handle(status)
+        assert (reply.request_id, reply.result) == (5, abi.VDUSE_REQ_RESULT_OK)
+        assert device.get_status() == c.VIRTIO_CONFIG_S_ACKNOWLEDGE | c.VIRTIO_CONFIG_S_DRIVER
+
+        state = _request(abi.VDUSE_GET_VQ_STATE, 6)
+        state.vq_state.index = 1
+        reply = vduse.handle(state)
+        assert (reply.result, reply.vq_state.index, reply.vq_state.split.avail_index) == (0, 1, 0)
+
+        state.vq_state.index = 9  # no such queue: the kernel hears FAILED, the loop carries on
+        assert vduse.handle(state).result == abi.VDUSE_REQ_RESULT_FAILED
+        assert vduse.handle(_request(7)).result == abi.VDUSE_REQ_RESULT_FAILED
+
+        reset = _request(abi.VDUSE_SET_STATUS, 8)
+        assert vduse.handle(reset).result == abi.VDUSE_REQ_RESULT_OK
+        assert device.get_status() == 0
+        assert vduse.messages == {"SET_STATUS": 2, "GET_VQ_STATE": 2, "UPDATE_IOTLB": 0, "failed": 2}
+    finally:
+        device.close()

@@ -162,6 +162,7 @@ def net() -> None:
                 intact += data in frames
         time.sleep(0.2)
         after = _netstats(iface)
+        parity("vduse-net0")
         stats = device.stats()
         result(
             "vduse-net",
@@ -185,6 +186,27 @@ def net() -> None:
         "vduse-net-removed",
         vdpa_gone=not os.path.exists("/sys/bus/vdpa/devices/vduse-net0"),
         node_gone=not os.path.exists("/dev/vduse/vduse-net0"),
+    )
+
+
+@step("parity")
+def parity(name: str) -> None:
+    """Our pyroute2 client's view of the device equals iproute2's ``vdpa -j``, field for field."""
+    from vdpasim.bus.netlink import VdpaSocket, config_view, dev_view
+
+    def vdpa(*args: str) -> object:
+        proc = subprocess.run(["/usr/sbin/vdpa", "-j", *args], capture_output=True, text=True, timeout=30)
+        return json.loads(proc.stdout) if proc.returncode == 0 else proc.stderr
+
+    with VdpaSocket() as sock:
+        ours_dev = dev_view(sock.dev("show", name))
+        ours_config = config_view(sock.config("show", name))
+    result(
+        "vduse-parity",
+        iproute2_dev=vdpa("dev", "show", name),
+        pyroute2_dev=ours_dev,
+        iproute2_config=vdpa("dev", "config", "show", name),
+        pyroute2_config=ours_config,
     )
 
 
