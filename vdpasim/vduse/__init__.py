@@ -1,0 +1,1 @@
+"""Kernel mode: the simulated devices served as VDUSE devices on a kernel's real vDPA bus."""
