@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import time
 import uuid
@@ -21,10 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pyroute2.netlink.exceptions import NetlinkError
 
 from bridge.vhost_user.messages import U64, MemoryRegion, MemoryTable, Message
 from bridge.vhost_user.messages import FrontendRequest as F
 from bridge.vhost_user.transport import MessageStream
+from vdpasim.bus import Bus, VdpaNetlinkServer, VdpaSocket
+from vdpasim.bus import netlink as nl
 from vdpasim.control import MAX_MESSAGE, ControlClient, decode_response
 from vdpasim.errors import CodecError
 from vdpasim.runtime import RuntimeDir
@@ -421,3 +425,46 @@ def test_front_end_leaving_releases_memory_and_fds(daemon: DaemonProcess) -> Non
         os.close(memfd)
         for fd in calls:
             os.close(fd)
+
+
+# ----- the netlink door: every client sees the one bus -----
+def test_netlink_clients_and_the_cli_share_the_bus(daemon: DaemonProcess) -> None:
+    daemon.cli("dev", "add", "name", "cli0", "mgmtdev", "vdpasim_net", "mac", "02:00:00:00:00:c1")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+        conn.connect(str(daemon.runtime.control_socket))
+        with VdpaSocket(use_socket=conn) as vdpa:
+            assert list(nl.dev_view(vdpa.dev("show"))["dev"]) == ["cli0"]
+            vdpa.dev("add", "nl0", mgmtdev="vdpasim_blk", capacity=2048, read_only=True)
+            ext = vdpa.dev("show", "nl0", extensions=True)[0]
+            assert ext.get_attr("VDPASIM_ATTR_VHOST_USER_PATH") == str(daemon.runtime.path / "nl0.vhost-user.sock")
+            assert ext.get_attr("VDPASIM_ATTR_VHOST_VDPA_NODE") == "/dev/vhost-vdpa-1"
+            with pytest.raises(NetlinkError) as refused:
+                vdpa.dev("del", "ghost")
+            assert (refused.value.code, refused.value.args[1]) == (errno.ENODEV, "vdpa: device not found")
+        # The daemon's own JSON operations share the connection.
+        conn.send(b'{"vdpasim": 1, "seq": 9, "op": "daemon_get", "args": {}}')
+        status = decode_response(conn.recv(MAX_MESSAGE)).result["daemon"]
+        assert status["devices"] == ["cli0", "nl0"] and status["pid"] == daemon.pid
+    assert daemon.cli("dev", "show").stdout.splitlines()[1] == (
+        "nl0: type block mgmtdev vdpasim_blk vendor_id 0 max_vqs 1 max_vq_size 256"
+    )
+    daemon.cli("dev", "del", "nl0")
+    assert not (daemon.runtime.path / "nl0.vhost-user.sock").exists()
+
+
+def test_the_family_lookup_is_answered_as_the_kernel_answers_it(daemon: DaemonProcess) -> None:
+    # CTRL_CMD_GETFAMILY "vdpa", as iproute2's mnlu_gen_socket_open sends it (REQUEST|ACK, version 1).
+    name = b"vdpa\0"
+    attr = struct.pack("=HH", 4 + len(name), 2) + name + b"\0" * (-len(name) % 4)  # CTRL_ATTR_FAMILY_NAME
+    body = struct.pack("=BBH", 3, 1, 0) + attr
+    request = struct.pack("=IHHII", 16 + len(body), 0x10, 0x1 | 0x4, 77, 0) + body
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+        conn.connect(str(daemon.runtime.control_socket))
+        conn.settimeout(30)
+        conn.send(request)
+        reply = conn.recv(1 << 16)
+        ack = conn.recv(1 << 16)
+    expected = VdpaNetlinkServer(Bus()).handle(request, sender_pid=os.getpid(), ext_ack=True, cap_ack=True)
+    assert [reply, ack] == expected
+    _, kind, _, seq, _ = struct.unpack_from("=IHHII", reply)
+    assert (kind, seq, struct.unpack_from("=i", ack, 16)[0]) == (0x10, 77, 0)
