@@ -20,7 +20,8 @@ prints for the same replies, text and JSON (``-j``, ``-p`` indented), errors inc
 ``dev add`` that iproute2 does not know are vdpasim's extension attributes (docs/netlink.md).
 
 ``-x`` (vdpasim only) asks the daemon for vdpasim's extension attributes: ``dev show`` then also
-reports each device's ``vhost_user_socket`` and ``vhost_vdpa_node``. Without ``-x`` the request and
+reports each device's ``vhost_user_socket`` and ``vhost_vdpa_node``, ``dev config show`` the
+data-path mode, peer, backing file, and the block fields iproute2 6.1 does not print. Without ``-x`` the request and
 the reply carry nothing iproute2 does not know, so the output is byte-identical to ``vdpa``'s.
 
 ``dev add`` and ``mgmtdev show`` start a daemon in the background when none serves the runtime
@@ -177,6 +178,33 @@ def _text_mgmtdev(msg: nl.vdpa_msg) -> str:
 
 _TYPES = {c.VIRTIO_ID_NET: "network", c.VIRTIO_ID_BLOCK: "block"}
 _EXT_KEYS = (("VDPASIM_ATTR_VHOST_USER_PATH", "vhost_user_socket"), ("VDPASIM_ATTR_VHOST_VDPA_NODE", "vhost_vdpa_node"))
+# `-x dev config show`: vdpasim's extension attributes, and the block fields iproute2 6.1 does not print.
+_CONFIG_EXT_KEYS = (
+    ("VDPA_ATTR_DEV_BLK_CFG_CAPACITY", "capacity"),
+    ("VDPA_ATTR_DEV_BLK_CFG_NUM_QUEUES", "num_queues"),
+    ("VDPA_ATTR_DEV_BLK_READ_ONLY", "read_only"),
+    ("VDPASIM_ATTR_NET_MODE", "mode"),
+    ("VDPASIM_ATTR_NET_PEER_IP", "peer_ip"),
+    ("VDPASIM_ATTR_NET_PEER_MAC", "peer_mac"),
+    ("VDPASIM_ATTR_BLK_PATH", "file"),
+    ("VDPASIM_ATTR_BUSY_POLL", "busy_poll"),
+)
+
+
+def _extension_values(msg: nl.vdpa_msg, section: str) -> list[tuple[str, Any]]:
+    """The extension fields of one reply, as (key, value); none unless the request asked for them."""
+    if section == "dev":
+        keys = _EXT_KEYS
+    elif section == "config" and msg.get_attr("VDPASIM_ATTR_BUSY_POLL") is not None:  # only with extensions
+        keys = _CONFIG_EXT_KEYS
+    else:
+        return []
+    out = []
+    for attr, key in keys:
+        value = msg.get_attr(attr)
+        if value is not None:
+            out.append((key, bool(value) if key in ("read_only", "busy_poll") else value))
+    return out
 
 
 def _text_dev(msg: nl.vdpa_msg) -> str:
@@ -186,11 +214,12 @@ def _text_dev(msg: nl.vdpa_msg) -> str:
         ("VDPA_ATTR_DEV_VENDOR_ID", "vendor_id"),
         ("VDPA_ATTR_DEV_MAX_VQS", "max_vqs"),
         ("VDPA_ATTR_DEV_MAX_VQ_SIZE", "max_vq_size"),
-        *_EXT_KEYS,
     ):
         value = msg.get_attr(attr)
         if value is not None:
             out += f" {key} {value}"
+    for key, value in _extension_values(msg, "dev"):
+        out += f" {key} {value}"
     return out + "\n"
 
 
@@ -212,6 +241,10 @@ def _text_config(msg: nl.vdpa_msg) -> str:
         negotiated = msg.get_attr("VDPA_ATTR_DEV_NEGOTIATED_FEATURES")
         if negotiated is not None:
             out += "\n  negotiated_features" + _feature_words(negotiated, device_id)
+    extension = _extension_values(msg, "config")
+    if extension:
+        words = " ".join(f"{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in extension)
+        out += f"\n  vdpasim {words}"
     return out + "\n"
 
 
@@ -243,13 +276,10 @@ def format_json(section: str, msgs: Iterator[Any] | list[Any], *, pretty: bool =
     _, _, view = _SECTIONS[section]
     msgs = [m for m in msgs if isinstance(m, nl.vdpa_msg)]
     obj = view(msgs)
-    if section == "dev":  # vdpasim's extension attributes, present only when -x asked for them
-        for msg in msgs:
-            entry = obj["dev"][msg.get_attr("VDPA_ATTR_DEV_NAME")]
-            for attr, key in _EXT_KEYS:
-                value = msg.get_attr(attr)
-                if value is not None:
-                    entry[key] = value
+    for msg in msgs:  # vdpasim's extension fields, present only when -x asked for them
+        entry = obj[_SECTIONS[section][0]].get(msg.get_attr("VDPA_ATTR_DEV_NAME"))
+        if entry is not None:
+            entry.update(_extension_values(msg, section))
     if pretty:
         return json.dumps(obj, indent=4, ensure_ascii=False) + "\n"
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n"
@@ -301,10 +331,14 @@ class VdpaCli:
 
     def _do(self, request: Callable[[], Any]) -> int:
         try:
-            request()
+            replies = request()
         except NetlinkError as exc:
             self.stderr.write(format_error(exc))
             return 1
+        for reply in replies or ():
+            if isinstance(reply, nl.vdpa_errmsg) and (warning := reply.get_attr("NLMSGERR_ATTR_MSG")):
+                # A successful ack with an extack message: iproute2 prints it as a warning.
+                self.stderr.write(f"Warning: {warning}" + ("" if warning.endswith(".") else ".") + "\n")
         if self.json:
             self.stdout.write("\n")  # iproute2's JSON writer ends with a newline even when nothing was printed
         return 0
@@ -346,7 +380,8 @@ class VdpaCli:
         if verb == "config":
             if rest[:1] in ([], ["show"]):
                 name = _one_name(rest[1:])
-                return self._show("config", lambda: vdpa.config("show", name))  # type: ignore[union-attr]
+                ext = self.extensions
+                return self._show("config", lambda: vdpa.config("show", name, ext))  # type: ignore[union-attr]
             raise CliFailure(f'Command "{rest[0]}" not found')
         if verb == "vstats":
             if rest[:1] == ["show"]:

@@ -223,3 +223,28 @@ def test_show_of_an_unknown_device_prints_the_empty_section(run: Run) -> None:
 def test_command_line_errors(run: Run, words: list[str], message: str) -> None:
     with pytest.raises(CliFailure, match=message):
         run("dev", *words)
+
+
+def test_config_extension_fields_only_when_asked(run: Run, tmp_path: Path) -> None:
+    image = tmp_path / "d.img"
+    run.ok("dev", "add", "name", "n0", "mgmtdev", "vdpasim_net", "mac", "02:00:00:00:00:05", "mode", "responder",
+           "peer_ip", "10.0.0.2")  # fmt: skip
+    image.write_bytes(bytes(1 << 20))
+    run.ok("dev", "add", "name", "b0", "mgmtdev", "vdpasim_blk", "file", str(image), "read_only")
+    assert run.ok("dev", "config", "show") == (
+        "n0: mac 02:00:00:00:00:05 link up link_announce false max_vq_pairs 1 mtu 1500 \nb0: \n"
+    )
+    assert run.ok("dev", "config", "show", ext=True) == (
+        "n0: mac 02:00:00:00:00:05 link up link_announce false max_vq_pairs 1 mtu 1500 \n"
+        "  vdpasim mode responder peer_ip 10.0.0.2 peer_mac 02:00:00:00:00:01 busy_poll false\n"
+        f"b0: \n  vdpasim capacity 2048 num_queues 1 read_only true file {image} busy_poll false\n"
+    )
+    config = json.loads(run.ok("dev", "config", "show", "b0", json_out=True, ext=True))["config"]["b0"]
+    assert config == {"capacity": 2048, "num_queues": 1, "read_only": True, "file": str(image), "busy_poll": False}
+
+
+def test_a_successful_ack_with_a_message_is_a_warning(run: Run) -> None:
+    run.ok("dev", "add", "name", "b0", "mgmtdev", "vdpasim_blk")
+    assert run("dev", "set", "name", "b0", "mac", "02:00:00:00:00:01") == (
+        0, "", "Warning: vdpa: b0 device not supported.\n",
+    )  # fmt: skip
