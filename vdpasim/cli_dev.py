@@ -21,7 +21,8 @@ prints for the same replies, text and JSON (``-j``, ``-p`` indented), errors inc
 
 ``-x`` (vdpasim only) asks the daemon for vdpasim's extension attributes: ``dev show`` then also
 reports each device's ``vhost_user_socket`` and ``vhost_vdpa_node``, ``dev config show`` the
-data-path mode, peer, backing file, and the block fields iproute2 6.1 does not print. Without ``-x`` the request and
+data-path mode, peer, backing file, and the block fields iproute2 6.1 does not print, and
+``dev vstats show`` answers also before a driver negotiated features and after it left. Without ``-x`` the request and
 the reply carry nothing iproute2 does not know, so the output is byte-identical to ``vdpa``'s.
 
 ``dev add`` and ``mgmtdev show`` start a daemon in the background when none serves the runtime
@@ -391,7 +392,8 @@ class VdpaCli:
             name, qidx = rest[0], rest[2]
             if not qidx.isdigit() or int(qidx) > 0xFFFFFFFF:
                 raise CliFailure(f'"{qidx}" is not a valid number')
-            return self._show("vstats", lambda: vdpa.vstats("show", name, int(qidx)))  # type: ignore[union-attr]
+            ext = self.extensions
+            return self._show("vstats", lambda: vdpa.vstats("show", name, int(qidx), ext))  # type: ignore[union-attr]
         raise CliFailure(f'Command "{verb}" not found')
 
 

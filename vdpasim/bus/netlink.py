@@ -636,13 +636,18 @@ class AsyncVdpaSocket(AsyncGenericNetlinkSocket):
         attrs = request_attrs(name=name, extensions=extensions)
         return await self._request(VDPA_CMD_DEV_CONFIG_GET, _DOIT if name else _DUMP, attrs)
 
-    async def vstats(self, cmd: str = "show", name: str | None = None, qidx: int | None = None):  # type: ignore[no-untyped-def]
-        """``vstats('show', name=, qidx=)``: one queue's vendor statistics (never a dump)."""
+    async def vstats(  # type: ignore[no-untyped-def]
+        self, cmd: str = "show", name: str | None = None, qidx: int | None = None, extensions: bool = False
+    ):
+        """``vstats('show', name=, qidx=)``: one queue's vendor statistics (never a dump).
+
+        ``extensions=True`` (vdpasim only) also answers before FEATURES_OK and after a driver left."""
         if cmd != "show":
             raise ValueError(f"vstats: unknown command {cmd!r} (show)")
         if name is None or qidx is None:
             raise TypeError("vstats('show') needs name= and qidx=")
-        return await self._request(VDPA_CMD_DEV_VSTATS_GET, _DOIT, request_attrs(name=name, qidx=qidx))
+        attrs = request_attrs(name=name, qidx=qidx, extensions=extensions)
+        return await self._request(VDPA_CMD_DEV_VSTATS_GET, _DOIT, attrs)
 
 
 class VdpaSocket(GenericNetlinkSocket):
@@ -673,8 +678,10 @@ class VdpaSocket(GenericNetlinkSocket):
     def config(self, cmd: str = "show", name: str | None = None, extensions: bool = False) -> tuple[vdpa_msg, ...]:
         return self._run_sync_cleanup(self.asyncore.config, cmd, name, extensions)
 
-    def vstats(self, cmd: str = "show", name: str | None = None, qidx: int | None = None) -> tuple[vdpa_msg, ...]:
-        return self._run_sync_cleanup(self.asyncore.vstats, cmd, name, qidx)
+    def vstats(
+        self, cmd: str = "show", name: str | None = None, qidx: int | None = None, extensions: bool = False
+    ) -> tuple[vdpa_msg, ...]:
+        return self._run_sync_cleanup(self.asyncore.vstats, cmd, name, qidx, extensions)
 
 
 # ----- what iproute2 `vdpa -j` prints, from decoded replies -----

@@ -809,7 +809,7 @@ class VdpaNetlinkServer:
         if req.get(VDPA_ATTR_DEV_NAME) is None or req.get(VDPA_ATTR_DEV_QUEUE_INDEX) is None:
             raise _Refused(errno.EINVAL)
         qidx = req.get(VDPA_ATTR_DEV_QUEUE_INDEX).uint()  # type: ignore[union-attr]
-        stats = self._bus_call(self.bus.vstats, req.string(VDPA_ATTR_DEV_NAME), qidx)
+        stats = self._bus_call(self.bus.vstats, req.string(VDPA_ATTR_DEV_NAME), qidx, any_status=req.extensions)
         vdev = stats.device
         attrs: list = [
             ("VDPA_ATTR_DEV_NAME", vdev.name),

@@ -243,6 +243,14 @@ def test_config_extension_fields_only_when_asked(run: Run, tmp_path: Path) -> No
     assert config == {"capacity": 2048, "num_queues": 1, "read_only": True, "file": str(image), "busy_poll": False}
 
 
+def test_vstats_at_any_status_only_when_asked(run: Run) -> None:
+    run.ok("dev", "add", "name", "n0", "mgmtdev", "vdpasim_net")
+    assert run("dev", "vstats", "show", "n0", "qidx", "0")[0] == 1
+    assert run.ok("dev", "vstats", "show", "n0", "qidx", "1", ext=True) == (
+        "n0: queue_type tx tx packets 0 tx bytes 0 tx errors 0 tx drops 0 \n"
+    )
+
+
 def test_a_successful_ack_with_a_message_is_a_warning(run: Run) -> None:
     run.ok("dev", "add", "name", "b0", "mgmtdev", "vdpasim_blk")
     assert run("dev", "set", "name", "b0", "mac", "02:00:00:00:00:01") == (
