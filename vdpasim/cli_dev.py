@@ -5,7 +5,7 @@
     vdpasim dev add name NAME mgmtdev vdpasim_net [mac M] [mtu N] [max_vqp N] [device_features HEX]
                     [mode loopback|responder] [peer_ip A] [peer_mac M] [queue_size N] [busy_poll on|off]
     vdpasim dev add name NAME mgmtdev vdpasim_blk [capacity SIZE] [file PATH [create]] [read_only]
-                    [num_queues N] [queue_size N] [busy_poll on|off]
+                    [num_queues N] [blk_size N] [serial S] [queue_size N] [busy_poll on|off]
     vdpasim dev del NAME
     vdpasim dev set name NAME mac M
     vdpasim [-j] [-p] dev config show [NAME]
@@ -106,6 +106,8 @@ _ADD_WORDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "size": ("capacity", _size_sectors),
     "file": ("path", os.path.abspath),  # the daemon runs from /
     "num_queues": ("num_queues", _u16),
+    "blk_size": ("blk_size", int),
+    "serial": ("serial", str),
     "queue_size": ("max_queue_size", _u16),
     "busy_poll": ("busy_poll", _on_off),
 }
@@ -402,7 +404,7 @@ Usage: vdpasim dev show [ DEV ]
        vdpasim dev add name NAME mgmtdev MANAGEMENTDEV [ mac MACADDR ] [ mtu MTU ] [ max_vqp MAX_VQ_PAIRS ]
                    [ device_features FEATURES ] [ mode loopback|responder ] [ peer_ip A ] [ peer_mac M ]
                    [ capacity SIZE ] [ file PATH [ create ] ] [ read_only ] [ num_queues N ]
-                   [ queue_size N ] [ busy_poll on|off ]
+                   [ blk_size N ] [ serial S ] [ queue_size N ] [ busy_poll on|off ]
        vdpasim dev del DEV
        vdpasim dev set name NAME mac MACADDR
        vdpasim dev config show [ DEV ]

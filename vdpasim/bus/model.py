@@ -182,7 +182,7 @@ VDPASIM_BLK = MgmtDev(
     max_supported_vqs=256,
     supported_features=BLK_SUPPORTED_FEATURES | 1 << c.VIRTIO_BLK_F_RO,
     config_attr_mask=0,
-    extension_fields=_COMMON_FIELDS | {"capacity", "read_only", "path", "create", "num_queues"},
+    extension_fields=_COMMON_FIELDS | {"capacity", "read_only", "path", "create", "num_queues", "blk_size", "serial"},
     build_config=_blk_config,
     build_device=BlkDevice,
 )

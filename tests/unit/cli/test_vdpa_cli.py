@@ -243,6 +243,15 @@ def test_config_extension_fields_only_when_asked(run: Run, tmp_path: Path) -> No
     assert config == {"capacity": 2048, "num_queues": 1, "read_only": True, "file": str(image), "busy_poll": False}
 
 
+def test_blk_size_and_serial(run: Run, bus: Bus) -> None:
+    run.ok("dev", "add", "name", "b0", "mgmtdev", "vdpasim_blk", "blk_size", "4096", "serial", "disk-7")
+    assert (bus.get("b0").config.blk_size, bus.get("b0").config.serial) == (4096, "disk-7")
+    rc, _, err = run("dev", "add", "name", "b1", "mgmtdev", "vdpasim_blk", "serial", "s" * 21)
+    assert (rc, err) == (1, "Error: Attribute failed policy validation.\nkernel answers: Invalid argument\n")
+    rc, _, err = run("dev", "add", "name", "b1", "mgmtdev", "vdpasim_blk", "blk_size", "1000")
+    assert rc == 1 and "blk_size: 1000 is not a power of two" in err
+
+
 def test_vstats_at_any_status_only_when_asked(run: Run) -> None:
     run.ok("dev", "add", "name", "n0", "mgmtdev", "vdpasim_net")
     assert run("dev", "vstats", "show", "n0", "qidx", "0")[0] == 1
