@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdpasim", description="Userspace vDPA device simulator")
     parser.add_argument("-j", "--json", action="store_true", help="JSON output (dev, mgmtdev, daemon)")
     parser.add_argument("-p", "--pretty", action="store_true", help="indented JSON output")
+    parser.add_argument("-x", "--extensions", action="store_true", help="vdpasim's extension fields (dev show)")
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(commands)
     bench.add_parser(commands)

@@ -1,18 +1,17 @@
-"""The daemon's control protocol: JSON messages over a SOCK_SEQPACKET UNIX socket, and a client.
+"""The daemon's own control operations: JSON messages on the control socket, next to the vdpa netlink family.
 
-Why this shape: the operations are the vdpa generic-netlink commands (``mgmtdev_get`` is
-VDPA_CMD_MGMTDEV_GET, ``dev_new`` is VDPA_CMD_DEV_NEW, and so on), and a SEQPACKET socket keeps
-message boundaries as netlink does, so the management issue can answer real netlink bytes on the
-same socket with the same request -> replies handler. Until then the encoding is JSON:
+The control socket (SOCK_SEQPACKET, so message boundaries are kept as netlink keeps them) carries
+two kinds of datagram. Devices are managed with the vdpa generic-netlink family itself (bus/netlink.py
+``VdpaSocket(use_socket=...)``), answered by bus/server.py as the kernel would. What has no netlink
+twin, the daemon's own status and stop, stays in this small JSON form; the daemon tells the two
+apart by their first bytes (daemon.py ``is_netlink``):
 
-* request  ``{"vdpasim": 1, "seq": N, "op": "dev_new", "args": {...}}``
-* response ``{"vdpasim": 1, "seq": N, "result": ...}`` or ``{..., "errno": E, "error": "text"}``;
-  a dump (``dev_get`` or ``mgmtdev_get`` without a name) is answered by several responses with
-  ``"more": true`` and one last response without it, like NLM_F_MULTI parts and NLMSG_DONE.
+* request  ``{"vdpasim": 1, "seq": N, "op": "daemon_get", "args": {}}``
+* response ``{"vdpasim": 1, "seq": N, "result": ...}`` or ``{..., "errno": E, "error": "text"}``.
 
 The codec (``encode_*``/``decode_*``) does no I/O and raises only ``CodecError``; ``ControlClient``
-is the I/O side for commands, and the daemon (daemon.py) serves the same codec. One message is at
-most ``MAX_MESSAGE`` bytes (below a UNIX socket's default send buffer, so a send never fails on size).
+is the I/O side, and the daemon (daemon.py) serves the same codec. One message is at most
+``MAX_MESSAGE`` bytes (below a UNIX socket's default send buffer, so a send never fails on size).
 """
 
 from __future__ import annotations
@@ -49,18 +48,13 @@ __all__ = [
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 64 * 1024
 
-# op -> the vdpa netlink command it stands for (None: daemon housekeeping, no netlink twin).
+# The daemon's own operations (devices are managed with vdpa netlink on the same socket).
 OPS: dict[str, str | None] = {
-    "mgmtdev_get": "VDPA_CMD_MGMTDEV_GET",
-    "dev_new": "VDPA_CMD_DEV_NEW",
-    "dev_del": "VDPA_CMD_DEV_DEL",
-    "dev_get": "VDPA_CMD_DEV_GET",
-    "dev_vstats_get": "VDPA_CMD_DEV_VSTATS_GET",
     "daemon_get": None,
     "daemon_stop": None,
 }
-# Ops answered as a dump (several parts) when they name no object.
-DUMP_OPS = frozenset({"mgmtdev_get", "dev_get"})
+# Ops answered as a dump (several parts) when they name no object: none today.
+DUMP_OPS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

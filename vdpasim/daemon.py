@@ -2,12 +2,12 @@
 
 Three layers, each testable on its own:
 
-* ``Registry``: the devices, created from a management device (``vdpasim_net``, ``vdpasim_blk``)
-  and attributes, each with its ``VhostUserServer`` at ``<runtime>/<name>.vhost-user.sock``. Every
-  refusal is a ``PeerError`` with the errno the kernel's vdpa bus would give (ENODEV for an unknown
-  mgmtdev or device, EEXIST for a duplicate name, EOPNOTSUPP for an attribute the mgmtdev does not
-  take, EINVAL for a bad value).
-* ``ControlHandler``: one control message in, its response messages out (control.py's codec), no I/O.
+* ``DaemonBus``: the userspace vDPA bus (bus/model.py ``Bus``: the kernel's rules, errnos and
+  extack texts) whose devices are each also served by a ``VhostUserServer`` at
+  ``<runtime>/<name>.vhost-user.sock`` and named ``/dev/vhost-vdpa-N`` for the bypass.
+* ``ControlHandler``: one control datagram in, its reply datagrams out, no I/O. Netlink datagrams
+  (the vdpa family and nlctrl's GETFAMILY) go to ``VdpaNetlinkServer`` over that bus, byte for byte
+  as the kernel answers; JSON datagrams are the daemon's own operations (status, stop: control.py).
   A bug in a handler becomes an EIO answer and a logged traceback, never a dead daemon.
 * ``Daemon``: the I/O. It makes the runtime directory, takes its lock, removes a dead daemon's
   leftover sockets, serves the control socket from one thread (requests are short; devices run on
@@ -34,14 +34,16 @@ import re
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .bus.model import Bus, BusError, DevSetConfig, VdpaDevice
+from .bus.server import VdpaNetlinkServer, datagrams
 from .control import (
     MAX_MESSAGE,
     ControlClient,
@@ -51,43 +53,26 @@ from .control import (
 )
 from .errors import CodecError, DeviceRequestError, VdpasimError
 from .runtime import ENV_RUNTIME_DIR, DaemonRunning, RuntimeDir, runtime_dir
-from .virtio import constants as c
-from .virtio.features import feature_names
-from .virtio.status import STATUS_NAMES
 
 if TYPE_CHECKING:
     from bridge.vhost_user.server import VhostUserServer
 
-    from .devices.core import SimDevice
 
 __all__ = [
-    "MgmtDev",
-    "MGMTDEVS",
-    "ManagedDevice",
-    "Registry",
+    "DaemonBus",
+    "is_netlink",
     "ControlHandler",
     "Daemon",
     "configure_logging",
     "parse_size",
-    "short_feature_names",
     "spawn_daemon",
     "stop_daemon",
 ]
 
 log = logging.getLogger("vdpasim.daemon")
 
-DEVICE_TYPES = {c.VIRTIO_ID_NET: "network", c.VIRTIO_ID_BLOCK: "block"}  # iproute2 `vdpa dev show` words
-_FEATURE_PREFIX = re.compile(r"^(VIRTIO_NET_F_|VIRTIO_BLK_F_|VIRTIO_RING_F_|VIRTIO_F_|VHOST_USER_F_)")
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 _SECTOR = 512
-
-# vdpasim_blk's per-queue counters, and the queue record field behind each.
-BLK_STATS = {"requests": "packets", "successes": "successes", "errors": "errors", "bytes": "bytes"}
-
-
-def short_feature_names(features: int, device_id: int) -> list[str]:
-    """Feature names as iproute2 prints them (``MAC``, ``VERSION_1``, ``EVENT_IDX``)."""
-    return [_FEATURE_PREFIX.sub("", name) for name in feature_names(features, device_id)]
 
 
 def parse_size(value: Any, what: str = "capacity") -> int:
@@ -106,290 +91,111 @@ def parse_size(value: Any, what: str = "capacity") -> int:
 
 
 # ======================================================================================================
-# Management devices and the registry
+# The bus the daemon serves: every device also gets a vhost-user server
 # ======================================================================================================
-@dataclass(frozen=True)
-class MgmtDev:
-    """A management device: which devices it creates and which attributes ``dev add`` may give it.
+class DaemonBus(Bus):
+    """The userspace vDPA bus of one daemon: ``Bus`` whose devices are also served on vhost-user sockets.
 
-    ``attrs`` maps a ``dev add`` keyword to the config field it sets (the kernel's config_attr_mask).
+    Every door (the netlink family on the control socket, later the bypass supervisor) adds and
+    deletes devices through this one object, so they all see the same devices. A device is served
+    before the add is answered: a socket path that cannot exist (ENAMETOOLONG) or a server that
+    cannot start refuses the add, with a vdpasim extack, and leaves nothing behind.
     """
 
-    name: str
-    device_id: int
-    attrs: Mapping[str, str]
-    supported_features: int
-    max_supported_vqs: int
-    make: Callable[[str, dict[str, Any]], SimDevice]
-
-    @property
-    def supported_classes(self) -> list[str]:
-        return [{c.VIRTIO_ID_NET: "net", c.VIRTIO_ID_BLOCK: "block"}[self.device_id]]
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "supported_classes": self.supported_classes,
-            "max_supported_vqs": self.max_supported_vqs,
-            "dev_features": short_feature_names(self.supported_features, self.device_id),
-            "attributes": sorted(self.attrs),
-        }
-
-
-def _make_net(name: str, values: dict[str, Any]) -> SimDevice:
-    from .config import NetConfig
-    from .devices.net import NetDevice
-
-    return NetDevice(NetConfig.from_mapping({"name": name, **values}))
-
-
-def _make_blk(name: str, values: dict[str, Any]) -> SimDevice:
-    from .config import BlkConfig
-    from .devices.blk import BlkDevice
-
-    if "capacity" in values:
-        values["capacity"] = parse_size(values["capacity"]) // _SECTOR
-    path = values.get("path")
-    if isinstance(path, str) and not os.path.isabs(path):
-        raise DeviceRequestError(f"file: {path!r} is not an absolute path (the daemon runs from /)")
-    return BlkDevice(BlkConfig.from_mapping({"name": name, **values}))
-
-
-def _mgmtdevs() -> dict[str, MgmtDev]:
-    from .config import BLK_SUPPORTED_FEATURES, NET_MAX_VQP, NET_SUPPORTED_FEATURES
-
-    net = MgmtDev(
-        name="vdpasim_net",
-        device_id=c.VIRTIO_ID_NET,
-        attrs={
-            "mac": "mac",
-            "mtu": "mtu",
-            "max_vqp": "max_vqp",
-            "device_features": "device_features",
-            "mode": "mode",
-            "peer_ip": "peer_ip",
-            "peer_mac": "peer_mac",
-            "queue_size": "max_queue_size",
-            "busy_poll": "busy_poll",
-        },
-        supported_features=NET_SUPPORTED_FEATURES,
-        max_supported_vqs=2 * NET_MAX_VQP + 1,
-        make=_make_net,
-    )
-    blk = MgmtDev(
-        name="vdpasim_blk",
-        device_id=c.VIRTIO_ID_BLOCK,
-        attrs={
-            "capacity": "capacity",
-            "file": "path",
-            "create": "create",
-            "read_only": "read_only",
-            "num_queues": "num_queues",
-            "blk_size": "blk_size",
-            "serial": "serial",
-            "queue_size": "max_queue_size",
-            "busy_poll": "busy_poll",
-        },
-        supported_features=BLK_SUPPORTED_FEATURES | 1 << c.VIRTIO_BLK_F_RO,
-        max_supported_vqs=256,
-        make=_make_blk,
-    )
-    return {m.name: m for m in (net, blk)}
-
-
-MGMTDEVS: dict[str, MgmtDev] = _mgmtdevs()
-
-
-@dataclass
-class ManagedDevice:
-    """A device in the registry: the model, the management device that made it, and its vhost-user server."""
-
-    name: str
-    mgmtdev: MgmtDev
-    device: SimDevice
-    server: VhostUserServer
-    created: float
-
-    @property
-    def socket(self) -> str:
-        return self.server.path
-
-
-class Registry:
-    """The daemon's devices by name. Called from the control thread only; devices run on their own threads."""
-
-    def __init__(self, runtime: RuntimeDir, mgmtdevs: Mapping[str, MgmtDev] | None = None) -> None:
+    def __init__(self, runtime: RuntimeDir) -> None:
+        super().__init__()
         self.runtime = runtime
-        self.mgmtdevs = dict(MGMTDEVS if mgmtdevs is None else mgmtdevs)
-        self.devices: dict[str, ManagedDevice] = {}
+        self.servers: dict[str, VhostUserServer] = {}
+        self._nodes: dict[str, int] = {}  # device -> N of /dev/vhost-vdpa-N, as the bypass will serve it
 
-    # ----- lookups -----
-    def _mgmtdev(self, name: Any) -> MgmtDev:
-        if not isinstance(name, str) or name not in self.mgmtdevs:
-            known = ", ".join(sorted(self.mgmtdevs))
-            raise DeviceRequestError(f"management device {name!r} not found (there are: {known})", errno=errno.ENODEV)
-        return self.mgmtdevs[name]
+    def add(
+        self, name: str | None, mgmtdev: str | None, config: DevSetConfig | None = None, **kwargs: Any
+    ) -> VdpaDevice:
+        if name is not None:
+            try:
+                self.runtime.vhost_user_socket(name)
+            except VdpasimError as exc:
+                raise BusError(str(exc), errno=exc.errno or errno.EINVAL, extack=f"vdpasim: {exc}") from None
+        vdev = super().add(name, mgmtdev, config, **kwargs)
+        try:
+            self._serve(vdev)
+        except BusError:
+            super().delete(vdev.name)
+            raise
+        return vdev
 
-    def _device(self, name: Any) -> ManagedDevice:
-        if not isinstance(name, str) or name not in self.devices:
-            raise DeviceRequestError(f"device {name!r} not found", errno=errno.ENODEV)
-        return self.devices[name]
-
-    # ----- create / delete -----
-    def add(self, name: Any, mgmtdev: Any, attrs: Mapping[str, Any]) -> ManagedDevice:
+    def _serve(self, vdev: VdpaDevice) -> None:
         from bridge.vhost_user.server import VhostUserServer
 
-        if not isinstance(name, str) or not name:
-            raise DeviceRequestError("a device needs a name")
-        spec = self._mgmtdev(mgmtdev)
-        unsupported = sorted(set(attrs) - set(spec.attrs))
-        if unsupported:
-            raise DeviceRequestError(
-                f"Some provided attributes are not supported by {spec.name}: {', '.join(unsupported)}",
-                errno=errno.EOPNOTSUPP,
-            )
-        if name in self.devices:
-            raise DeviceRequestError(f"device {name!r} already exists", errno=errno.EEXIST)
-        values = {spec.attrs[key]: value for key, value in attrs.items()}
-        device = spec.make(name, values)  # validates the name and every value (DeviceRequestError, EINVAL)
+        path = self.runtime.vhost_user_socket(vdev.name)
+        server = VhostUserServer(vdev.device, os.fspath(path), name=vdev.name)
         try:
-            try:
-                path = self.runtime.vhost_user_socket(name)
-            except VdpasimError as exc:
-                raise DeviceRequestError(str(exc), errno=exc.errno) from None
-            server = VhostUserServer(device, os.fspath(path), name=name)
-            try:
-                server.start()
-            except OSError as exc:
-                raise DeviceRequestError(f"cannot serve {path}: {exc.strerror}", errno=exc.errno or errno.EIO) from None
-        except BaseException:
-            device.close()
-            raise
-        managed = ManagedDevice(name, spec, device, server, time.time())
-        self.devices[name] = managed
-        log.info("%s: added (%s), vhost-user socket %s", name, spec.name, server.path)
-        return managed
+            server.start()
+        except OSError as exc:
+            text = f"cannot serve {path}: {exc.strerror}"
+            raise BusError(text, errno=exc.errno or errno.EIO, extack=f"vdpasim: {text}") from None
+        node = min(set(range(len(self._nodes) + 1)) - set(self._nodes.values()))
+        self._nodes[vdev.name] = node
+        self.servers[vdev.name] = server
+        vdev.vhost_user_path = server.path
+        vdev.vhost_vdpa_node = f"/dev/vhost-vdpa-{node}"
+        log.info("%s: added (%s), vhost-user socket %s", vdev.name, vdev.mgmtdev.name, server.path)
 
-    def delete(self, name: Any) -> None:
-        managed = self._device(name)
-        del self.devices[managed.name]
-        self._close(managed)
-        log.info("%s: deleted", managed.name)
-
-    def _close(self, managed: ManagedDevice) -> None:
+    def delete(self, name: str | None) -> None:
+        vdev = self.get(name)
+        server = self.servers.pop(vdev.name, None)
+        self._nodes.pop(vdev.name, None)
         try:
-            managed.server.stop()  # a connected front-end sees the socket close; the session resets the device
+            if server is not None:
+                server.stop()  # a connected front-end sees the socket close; the session resets the device
         finally:
-            managed.device.close()
+            super().delete(vdev.name)
 
-    def close(self) -> None:
-        """Stop every server and close every device (daemon shutdown)."""
-        while self.devices:
-            name, managed = self.devices.popitem()
-            try:
-                self._close(managed)
-                log.info("%s: stopped", name)
-            except Exception:
-                log.exception("%s: error while stopping", name)
-
-    # ----- show -----
-    def mgmtdev_show(self, name: Any = None) -> list[dict[str, Any]]:
-        specs = [self._mgmtdev(name)] if name is not None else list(self.mgmtdevs.values())
-        return [{"mgmtdev": {spec.name: spec.describe()}} for spec in specs]
-
-    def dev_show(self, name: Any = None) -> list[dict[str, Any]]:
-        managed = [self._device(name)] if name is not None else [self.devices[n] for n in sorted(self.devices)]
-        return [{"dev": {m.name: self.describe(m)}} for m in managed]
-
-    def describe(self, managed: ManagedDevice) -> dict[str, Any]:
-        device, spec = managed.device, managed.mgmtdev
-        device_id = device.get_device_id()
-        status = device.get_status()
-        out: dict[str, Any] = {
-            "type": DEVICE_TYPES.get(device_id, str(device_id)),
-            "mgmtdev": spec.name,
-            "vendor_id": device.get_vendor_id(),
-            "max_vqs": device.get_vq_count(),
-            "max_vq_size": device.get_vq_num_max(),
-            "min_vq_size": device.get_vq_num_min(),
-            "status": [name for bit, name in STATUS_NAMES.items() if status & bit],
-            "device_features": short_feature_names(device.get_device_features(), device_id),
-        }
-        if status & c.VIRTIO_CONFIG_S_FEATURES_OK:
-            out["negotiated_features"] = short_feature_names(device.get_driver_features(), device_id)
-        if device.fault is not None:
-            out["fault"] = str(device.fault)
-        out["vhost_user_socket"] = managed.socket
-        out["vhost_user_connections"] = managed.server.connections
-        config = getattr(device, "config", None)
-        if device_id == c.VIRTIO_ID_NET and config is not None:
-            from .config import format_mac
-
-            out["mac"] = format_mac(device.mac)  # type: ignore[attr-defined]
-            out["mtu"] = config.mtu
-            out["max_vqp"] = config.max_vqp
-            out["mode"] = config.mode
-            if config.peer_ip is not None:
-                out["peer_ip"] = config.peer_ip
-        elif device_id == c.VIRTIO_ID_BLOCK and config is not None:
-            capacity = device.capacity  # type: ignore[attr-defined]
-            out["capacity"] = capacity
-            out["size"] = capacity * _SECTOR
-            out["blk_size"] = config.blk_size
-            out["num_queues"] = config.num_queues
-            out["read_only"] = config.read_only
-            out["file"] = config.path
-        return out
-
-    def vstats(self, name: Any, qidx: Any) -> dict[str, Any]:
-        managed = self._device(name)
-        if isinstance(qidx, str) and qidx.isdigit():
-            qidx = int(qidx)
-        if isinstance(qidx, bool) or not isinstance(qidx, int):
-            raise DeviceRequestError(f"qidx: {qidx!r} is not a queue index")
-        device = managed.device
-        device_id = device.get_device_id()
-        if device_id == c.VIRTIO_ID_NET:
-            stats = device.vstats(qidx)  # type: ignore[attr-defined]
-            role = device.queue_role(qidx)  # type: ignore[attr-defined]
-            queue_type = {"rx": "rx", "tx": "tx", "cvq": "control_vq"}[role]
-        else:
-            if not 0 <= qidx < device.get_vq_count():
-                raise DeviceRequestError(
-                    f"{managed.name}: no queue {qidx} to report statistics for (it has {device.get_vq_count()})"
-                )
-            counters = device.stats()[qidx]
-            stats = {label: counters[field] for label, field in BLK_STATS.items()}
-            queue_type = "request"
-        status = device.get_status()
-        entry: dict[str, Any] = {"queue_index": qidx, "queue_type": queue_type}
-        if status & c.VIRTIO_CONFIG_S_FEATURES_OK:
-            entry["negotiated_features"] = short_feature_names(device.get_driver_features(), device_id)
-        entry["stats"] = stats
-        return {"vstats": {managed.name: entry}}
+    def connections(self) -> dict[str, int]:
+        """Front-end connections each device's vhost-user server has accepted so far."""
+        return {name: server.connections for name, server in self.servers.items()}
 
 
 # ======================================================================================================
 # The control handler (no I/O)
 # ======================================================================================================
-class ControlHandler:
-    """Control messages in, response messages out, against a registry."""
+def is_netlink(data: bytes) -> bool:
+    """Whether a control datagram is netlink (else it is a JSON daemon request).
 
-    def __init__(self, registry: Registry, info: Callable[[], dict[str, Any]] | None = None) -> None:
-        self.registry = registry
+    A netlink datagram starts with its first message's length, a native-endian u32 of at least 16
+    that fits the datagram; a JSON request starts with ``{"`` (or is malformed), whose bytes read
+    as a length of over 570 million. The two cannot be confused.
+    """
+    return len(data) >= 16 and 16 <= struct.unpack_from("=I", data)[0] <= len(data)
+
+
+class ControlHandler:
+    """Control datagrams in, reply datagrams out: vdpa netlink for the devices, JSON for the daemon itself."""
+
+    def __init__(self, bus: DaemonBus, info: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.bus = bus
+        self.netlink = VdpaNetlinkServer(bus)
         self.info = info or (lambda: {})
         self.stop_requested = False
         self._ops: dict[str, Callable[[Mapping[str, Any]], Any]] = {
-            "mgmtdev_get": lambda a: self.registry.mgmtdev_show(a.get("name")),
-            "dev_new": self._dev_new,
-            "dev_del": self._dev_del,
-            "dev_get": lambda a: self.registry.dev_show(a.get("name")),
-            "dev_vstats_get": lambda a: self.registry.vstats(a.get("name"), a.get("qidx")),
-            "daemon_get": lambda a: {"daemon": {**self.info(), "devices": sorted(self.registry.devices)}},
+            "daemon_get": lambda a: {
+                "daemon": {
+                    **self.info(),
+                    "devices": sorted(v.name for v in self.bus.devices()),
+                    "connections": self.bus.connections(),
+                }
+            },
             "daemon_stop": self._daemon_stop,
         }
 
-    def handle(self, data: bytes, *, truncated: bool = False) -> list[bytes]:
-        """The response messages to one request message."""
+    def handle(self, data: bytes, *, truncated: bool = False, sender_pid: int = 0) -> list[bytes]:
+        """The reply datagrams to one request datagram.
+
+        Netlink requests are answered as the kernel answers a socket with NETLINK_EXT_ACK and
+        NETLINK_CAP_ACK set (what iproute2 sets) and CAP_NET_ADMIN: only our own user can connect.
+        """
+        if not truncated and is_netlink(data):
+            return datagrams(self.netlink.handle(data, sender_pid=sender_pid, ext_ack=True, cap_ack=True))
         try:
             if truncated:
                 raise CodecError(f"request longer than {MAX_MESSAGE} bytes", errno=errno.EMSGSIZE)
@@ -399,27 +205,13 @@ class ControlHandler:
             return [encode_response(Response(0, errno=exc.errno, error=str(exc)))]
         try:
             result = self._ops[request.op](request.args)
-        except VdpasimError as exc:  # PeerError above all; also a runtime-directory refusal
+        except VdpasimError as exc:
             log.warning("control: %s refused: %s", request.op, exc)
             return [encode_response(Response(request.seq, errno=exc.errno or errno.EIO, error=str(exc)))]
         except Exception as exc:  # a bug: answer, log it whole, keep serving
             log.exception("control: %s failed", request.op)
             return [encode_response(Response(request.seq, errno=errno.EIO, error=f"internal error: {exc!r}"))]
-        if request.is_dump:
-            parts = [Response(request.seq, part, more=True) for part in result]
-            return [encode_response(p) for p in [*parts, Response(request.seq, None)]]
-        if isinstance(result, list):  # a dump op asked for one object
-            result = result[0]
         return [encode_response(Response(request.seq, result))]
-
-    def _dev_new(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        attrs = {k: v for k, v in args.items() if k not in ("name", "mgmtdev")}
-        managed = self.registry.add(args.get("name"), args.get("mgmtdev"), attrs)
-        return {"dev": {managed.name: self.registry.describe(managed)}}
-
-    def _dev_del(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        self.registry.delete(args.get("name"))
-        return {}
 
     def _daemon_stop(self, args: Mapping[str, Any]) -> dict[str, Any]:
         self.stop_requested = True
@@ -447,14 +239,15 @@ class Daemon:
 
     def __init__(self, runtime: RuntimeDir) -> None:
         self.runtime = runtime
-        self.registry = Registry(runtime)
+        self.bus = DaemonBus(runtime)
         self.started = time.time()
-        self.handler = ControlHandler(self.registry, self._info)
+        self.handler = ControlHandler(self.bus, self._info)
         self._wake_r, self._wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._signal: int | None = None
         self._stopping = False
+        self._peers: dict[socket.socket, int] = {}
 
     def _info(self) -> dict[str, Any]:
         return {
@@ -490,9 +283,9 @@ class Daemon:
             log.info("serving %s (pid %d, control socket %s)", self.runtime.path, os.getpid(), listener.getsockname())
             self._serve(listener)
             reason = signal.Signals(self._signal).name if self._signal else "a stop request"
-            log.info("stopping on %s: %d device(s)", reason, len(self.registry.devices))
+            log.info("stopping on %s: %d device(s)", reason, len(self.bus.devices()))
         finally:
-            self.registry.close()
+            self.bus.close()
             if listener is not None:
                 listener.close()
                 with contextlib.suppress(FileNotFoundError):
@@ -569,6 +362,7 @@ class Daemon:
         conn.setblocking(True)
         conn.settimeout(5.0)  # a client that stops reading cannot hold the control thread for long
         connections.add(conn)
+        self._peers[conn] = pid  # the port id netlink replies carry (the kernel's nl_pid is the pid, too)
         selector.register(conn, selectors.EVENT_READ, "conn")
 
     def _receive(self, conn: socket.socket, selector: selectors.BaseSelector, connections: set) -> None:
@@ -579,9 +373,11 @@ class Daemon:
         if not data:
             selector.unregister(conn)
             connections.discard(conn)
+            self._peers.pop(conn, None)
             conn.close()
             return
-        for reply in self.handler.handle(data, truncated=bool(flags & socket.MSG_TRUNC)):
+        pid = self._peers.get(conn, 0)
+        for reply in self.handler.handle(data, truncated=bool(flags & socket.MSG_TRUNC), sender_pid=pid):
             try:
                 conn.send(reply)
             except OSError as exc:

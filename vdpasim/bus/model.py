@@ -182,7 +182,7 @@ VDPASIM_BLK = MgmtDev(
     max_supported_vqs=256,
     supported_features=BLK_SUPPORTED_FEATURES | 1 << c.VIRTIO_BLK_F_RO,
     config_attr_mask=0,
-    extension_fields=_COMMON_FIELDS | {"capacity", "read_only", "path", "create", "num_queues"},
+    extension_fields=_COMMON_FIELDS | {"capacity", "read_only", "path", "create", "num_queues", "blk_size", "serial"},
     build_config=_blk_config,
     build_device=BlkDevice,
 )
@@ -410,8 +410,12 @@ class Bus:
         log.info("%s: mac %s", vdev.name, format_mac(mac))
         return None
 
-    def vstats(self, name: str | None, qidx: int) -> VendorStats:
-        """VDPA_CMD_DEV_VSTATS_GET: a queue's counters, once the driver has negotiated features."""
+    def vstats(self, name: str | None, qidx: int, *, any_status: bool = False) -> VendorStats:
+        """VDPA_CMD_DEV_VSTATS_GET: a queue's counters, once the driver has negotiated features.
+
+        ``any_status`` (vdpasim's extension, asked for with VDPASIM_ATTR_EXTENSIONS) answers at any
+        status too: the counters live as long as the device, also before a driver and after it left.
+        """
         vdev = self.get(name)
         device = vdev.device
         if vdev.device_id != c.VIRTIO_ID_NET:
@@ -421,7 +425,7 @@ class Bus:
         stats = getattr(device, "vstats", None)
         if stats is None:
             raise _refuse(errno.EOPNOTSUPP, None, f"{vdev.name}: no vendor statistics")
-        if not device.get_status() & c.VIRTIO_CONFIG_S_FEATURES_OK:
+        if not any_status and not device.get_status() & c.VIRTIO_CONFIG_S_FEATURES_OK:
             raise _refuse(errno.EAGAIN, "vdpa: feature negotiation not complete")
         features = device.get_driver_features()
         max_vqp = None

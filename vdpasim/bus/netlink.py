@@ -118,6 +118,8 @@ __all__ = [
     "VDPASIM_ATTR_BUSY_POLL",
     "VDPASIM_ATTR_VHOST_USER_PATH",
     "VDPASIM_ATTR_VHOST_VDPA_NODE",
+    "VDPASIM_ATTR_BLK_BLK_SIZE",
+    "VDPASIM_ATTR_BLK_SERIAL",
     "VDPASIM_ATTR_LAST",
     "EXTENSION_FIELDS",
     "NETLINK_CAP_ACK",
@@ -213,7 +215,9 @@ VDPASIM_ATTR_MAX_VQ_SIZE = 0x3F0A  # u16, power of two
 VDPASIM_ATTR_BUSY_POLL = 0x3F0B  # u8: the data-path thread polls instead of waiting for kicks
 VDPASIM_ATTR_VHOST_USER_PATH = 0x3F0C  # string, replies only: the device's vhost-user socket
 VDPASIM_ATTR_VHOST_VDPA_NODE = 0x3F0D  # string, replies only: its /dev/vhost-vdpa-N node
-VDPASIM_ATTR_LAST = VDPASIM_ATTR_VHOST_VDPA_NODE
+VDPASIM_ATTR_BLK_BLK_SIZE = 0x3F0E  # u32: logical block size in bytes (power of two, 512..65536)
+VDPASIM_ATTR_BLK_SERIAL = 0x3F0F  # string: the disk's serial (GET_ID), at most 20 bytes
+VDPASIM_ATTR_LAST = VDPASIM_ATTR_BLK_SERIAL
 
 # Extension attributes that configure a device, by the NetConfig/BlkConfig field each one sets.
 EXTENSION_FIELDS: dict[int, str] = {
@@ -227,6 +231,8 @@ EXTENSION_FIELDS: dict[int, str] = {
     VDPASIM_ATTR_BLK_NUM_QUEUES: "num_queues",
     VDPASIM_ATTR_MAX_VQ_SIZE: "max_queue_size",
     VDPASIM_ATTR_BUSY_POLL: "busy_poll",
+    VDPASIM_ATTR_BLK_BLK_SIZE: "blk_size",
+    VDPASIM_ATTR_BLK_SERIAL: "serial",
 }
 
 # Netlink core numbers pyroute2 does not name (include/uapi/linux/netlink.h).
@@ -302,6 +308,8 @@ class vdpa_msg(genlmsg):
         (VDPASIM_ATTR_BUSY_POLL, "VDPASIM_ATTR_BUSY_POLL", "uint8"),
         (VDPASIM_ATTR_VHOST_USER_PATH, "VDPASIM_ATTR_VHOST_USER_PATH", "asciiz"),
         (VDPASIM_ATTR_VHOST_VDPA_NODE, "VDPASIM_ATTR_VHOST_VDPA_NODE", "asciiz"),
+        (VDPASIM_ATTR_BLK_BLK_SIZE, "VDPASIM_ATTR_BLK_BLK_SIZE", "uint32"),
+        (VDPASIM_ATTR_BLK_SERIAL, "VDPASIM_ATTR_BLK_SERIAL", "asciiz"),
     )
 
     @classmethod
@@ -433,6 +441,8 @@ _EXTENSION_NAMES = {
     VDPASIM_ATTR_BLK_NUM_QUEUES: "VDPASIM_ATTR_BLK_NUM_QUEUES",
     VDPASIM_ATTR_MAX_VQ_SIZE: "VDPASIM_ATTR_MAX_VQ_SIZE",
     VDPASIM_ATTR_BUSY_POLL: "VDPASIM_ATTR_BUSY_POLL",
+    VDPASIM_ATTR_BLK_BLK_SIZE: "VDPASIM_ATTR_BLK_BLK_SIZE",
+    VDPASIM_ATTR_BLK_SERIAL: "VDPASIM_ATTR_BLK_SERIAL",
 }
 _EXTENSION_ATTRS = {EXTENSION_FIELDS[number]: name for number, name in _EXTENSION_NAMES.items()}
 
@@ -452,7 +462,7 @@ def request_attrs(
     """A request's attributes in the order iproute2 `vdpa` puts them (vdpa_opts_put), then vdpasim's.
 
     ``extension`` takes the NetConfig/BlkConfig field names of vdpasim's own attributes (mode,
-    peer_ip, peer_mac, capacity, read_only, path, create, num_queues, max_queue_size, busy_poll);
+    peer_ip, peer_mac, capacity, read_only, path, create, num_queues, blk_size, serial, max_queue_size, busy_poll);
     booleans travel as u8 0/1. ``extensions=True`` asks for vdpasim's attributes in the replies.
     """
     attrs: list[tuple[str, Any]] = []
@@ -636,13 +646,18 @@ class AsyncVdpaSocket(AsyncGenericNetlinkSocket):
         attrs = request_attrs(name=name, extensions=extensions)
         return await self._request(VDPA_CMD_DEV_CONFIG_GET, _DOIT if name else _DUMP, attrs)
 
-    async def vstats(self, cmd: str = "show", name: str | None = None, qidx: int | None = None):  # type: ignore[no-untyped-def]
-        """``vstats('show', name=, qidx=)``: one queue's vendor statistics (never a dump)."""
+    async def vstats(  # type: ignore[no-untyped-def]
+        self, cmd: str = "show", name: str | None = None, qidx: int | None = None, extensions: bool = False
+    ):
+        """``vstats('show', name=, qidx=)``: one queue's vendor statistics (never a dump).
+
+        ``extensions=True`` (vdpasim only) also answers before FEATURES_OK and after a driver left."""
         if cmd != "show":
             raise ValueError(f"vstats: unknown command {cmd!r} (show)")
         if name is None or qidx is None:
             raise TypeError("vstats('show') needs name= and qidx=")
-        return await self._request(VDPA_CMD_DEV_VSTATS_GET, _DOIT, request_attrs(name=name, qidx=qidx))
+        attrs = request_attrs(name=name, qidx=qidx, extensions=extensions)
+        return await self._request(VDPA_CMD_DEV_VSTATS_GET, _DOIT, attrs)
 
 
 class VdpaSocket(GenericNetlinkSocket):
@@ -673,8 +688,10 @@ class VdpaSocket(GenericNetlinkSocket):
     def config(self, cmd: str = "show", name: str | None = None, extensions: bool = False) -> tuple[vdpa_msg, ...]:
         return self._run_sync_cleanup(self.asyncore.config, cmd, name, extensions)
 
-    def vstats(self, cmd: str = "show", name: str | None = None, qidx: int | None = None) -> tuple[vdpa_msg, ...]:
-        return self._run_sync_cleanup(self.asyncore.vstats, cmd, name, qidx)
+    def vstats(
+        self, cmd: str = "show", name: str | None = None, qidx: int | None = None, extensions: bool = False
+    ) -> tuple[vdpa_msg, ...]:
+        return self._run_sync_cleanup(self.asyncore.vstats, cmd, name, qidx, extensions)
 
 
 # ----- what iproute2 `vdpa -j` prints, from decoded replies -----

@@ -92,11 +92,13 @@ from .netlink import (
     VDPA_CMD_MGMTDEV_NEW,
     VDPA_GENL_NAME,
     VDPA_GENL_VERSION,
+    VDPASIM_ATTR_BLK_BLK_SIZE,
     VDPASIM_ATTR_BLK_CAPACITY,
     VDPASIM_ATTR_BLK_CREATE,
     VDPASIM_ATTR_BLK_NUM_QUEUES,
     VDPASIM_ATTR_BLK_PATH,
     VDPASIM_ATTR_BLK_READ_ONLY,
+    VDPASIM_ATTR_BLK_SERIAL,
     VDPASIM_ATTR_BUSY_POLL,
     VDPASIM_ATTR_EXTENSIONS,
     VDPASIM_ATTR_MAX_VQ_SIZE,
@@ -226,6 +228,8 @@ EXTENSION_POLICY: dict[int, Policy] = {
     VDPASIM_ATTR_BUSY_POLL: _U8,
     VDPASIM_ATTR_VHOST_USER_PATH: Policy(),
     VDPASIM_ATTR_VHOST_VDPA_NODE: Policy(),
+    VDPASIM_ATTR_BLK_BLK_SIZE: _U32,
+    VDPASIM_ATTR_BLK_SERIAL: Policy(NlaType.NUL_STRING, len=20),  # VIRTIO_BLK_ID_BYTES
 }
 
 # ctrl_policy_family: CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME (GENL_NAMSIZ - 1)
@@ -721,7 +725,7 @@ class VdpaNetlinkServer:
             attr = req.get(kind)
             if attr is None:
                 continue
-            if kind in (VDPASIM_ATTR_NET_MODE, VDPASIM_ATTR_BLK_PATH):
+            if kind in (VDPASIM_ATTR_NET_MODE, VDPASIM_ATTR_BLK_PATH, VDPASIM_ATTR_BLK_SERIAL):
                 extension[name] = attr.string()
             elif kind == VDPASIM_ATTR_NET_PEER_IP:
                 extension[name] = str(ipaddress.IPv4Address(attr.payload))
@@ -809,7 +813,7 @@ class VdpaNetlinkServer:
         if req.get(VDPA_ATTR_DEV_NAME) is None or req.get(VDPA_ATTR_DEV_QUEUE_INDEX) is None:
             raise _Refused(errno.EINVAL)
         qidx = req.get(VDPA_ATTR_DEV_QUEUE_INDEX).uint()  # type: ignore[union-attr]
-        stats = self._bus_call(self.bus.vstats, req.string(VDPA_ATTR_DEV_NAME), qidx)
+        stats = self._bus_call(self.bus.vstats, req.string(VDPA_ATTR_DEV_NAME), qidx, any_status=req.extensions)
         vdev = stats.device
         attrs: list = [
             ("VDPA_ATTR_DEV_NAME", vdev.name),
