@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the project needs; each later capability adds its own here.
-APT_PACKAGES=(gcc libc6-dev python3-venv qemu-system-x86 kmod)
+APT_PACKAGES=(gcc libc6-dev python3-venv qemu-system-x86 kmod iproute2)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
