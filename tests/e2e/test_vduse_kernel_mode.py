@@ -108,3 +108,15 @@ def test_vduse_kernel_mode_net_vhost_and_blk(image: GuestImage, generic_cache: P
     assert blk["size_bytes"] == 8 << 20
     assert blk["pattern_sha256"] == blk["readback_sha256"] == blk["backing_sha256"]
     assert blk["messages"]["failed"] == 0
+
+    # The daemon in kernel mode (chosen by itself: VDUSE and the family exist), driven by the vdpasim CLI.
+    kd = result.result("daemon-kernel")
+    assert kd["mgmtdev"]["mode"] == "kernel"
+    assert "vduse" in kd["mgmtdev"]["mgmtdev"]  # the kernel's management devices, from its family
+    assert kd["mgmtdev_text_last"] == ["mode kernel"]
+    assert kd["add_rc"] == 0, kd["add_stderr"]
+    assert kd["on_bus"]
+    assert kd["real_dev"]["dev"]["knet0"]["mgmtdev"] == "vduse"
+    assert kd["real_config"]["config"]["knet0"]["mac"] == "02:5e:00:00:00:20"
+    assert kd["del_rc"] == 0 and kd["gone"]
+    assert result.result("daemon-kernel-exit")["rc"] == 0

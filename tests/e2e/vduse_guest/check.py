@@ -283,12 +283,83 @@ def blk() -> None:
         vduse.remove()
 
 
+KERNEL_RUNTIME = "/run/vdpasim-k"
+MAC_K = "02:5e:00:00:00:20"
+
+
+def start_daemon() -> subprocess.Popen:
+    """``vdpasim daemon`` with no --mode (auto: kernel here), started early: its start-up under TCG
+    overlaps the other steps."""
+    env = dict(os.environ, VDPASIM_RUNTIME_DIR=KERNEL_RUNTIME)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vdpasim.cli", "daemon"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def vdpasim_cli(*args: str) -> tuple[int, str, str]:
+    """The ``vdpasim`` command, run in this (already warm) process: a new Python costs seconds under TCG."""
+    import contextlib
+    import io
+
+    from vdpasim.cli import main as cli_main
+
+    out, err = io.StringIO(), io.StringIO()
+    os.environ["VDPASIM_RUNTIME_DIR"] = KERNEL_RUNTIME
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+@step("daemon-kernel")
+def daemon_kernel(daemon: subprocess.Popen) -> None:
+    """The daemon in kernel mode and the ``vdpasim`` CLI: mgmtdev show, dev add/del on the real bus."""
+    import signal
+
+    try:
+        wait_for(KERNEL_RUNTIME + "/control.sock", 90)
+        rc, shown, err = vdpasim_cli("-x", "-j", "mgmtdev", "show")
+        text = vdpasim_cli("-x", "mgmtdev", "show")[1]
+        add_rc, _, add_err = vdpasim_cli("dev", "add", "name", "knet0", "mgmtdev", "vdpasim_net", "mac", MAC_K)
+        on_bus = os.path.exists("/sys/bus/vdpa/devices/knet0")
+        real = subprocess.run(["/usr/sbin/vdpa", "-j", "dev", "show", "knet0"], capture_output=True, text=True)
+        config = subprocess.run(
+            ["/usr/sbin/vdpa", "-j", "dev", "config", "show", "knet0"], capture_output=True, text=True
+        )
+        del_rc = vdpasim_cli("dev", "del", "knet0")[0]
+        result(
+            "daemon-kernel",
+            mgmtdev=json.loads(shown) if rc == 0 else err,
+            mgmtdev_text_last=text.splitlines()[-1:],
+            add_rc=add_rc,
+            add_stderr=add_err,
+            on_bus=on_bus,
+            real_dev=json.loads(real.stdout) if real.returncode == 0 else real.stderr,
+            real_config=json.loads(config.stdout) if config.returncode == 0 else config.stderr,
+            del_rc=del_rc,
+            gone=not os.path.exists("/sys/bus/vdpa/devices/knet0") and not os.path.exists("/dev/vduse/knet0"),
+        )
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            _, log = daemon.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            _, log = daemon.communicate()
+        result("daemon-kernel-exit", rc=daemon.returncode, log_tail=log[-1500:])
+
+
 def main() -> int:
     result("guest-python", python=sys.version.split()[0], startup_ms=round((time.monotonic() - T0) * 1000))
+    daemon = start_daemon()
     mgmtdev()
     jit()
     net()
     blk()
+    daemon_kernel(daemon)
     result("check-done", ms=round((time.monotonic() - T0) * 1000))
     return 0
 
