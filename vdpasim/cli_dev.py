@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import ipaddress
 import json
 import os
@@ -483,6 +484,8 @@ def _run(args: argparse.Namespace, what: str) -> int:
                 sys.stderr.write("Failed to connect to vdpa Netlink\n")
                 _say(escape(f"vdpasim: no daemon serves {runtime.path}"))
                 return 1
+            if what == "mgmtdev" and vdpa is not None:
+                return _mgmtdev_show(args, words, runtime, vdpa)
             cli = VdpaCli(vdpa, json_out=args.json, pretty=args.pretty, extensions=args.extensions)
             return cli.mgmtdev(words) if what == "mgmtdev" else cli.dev(words)
     except CliFailure as exc:
@@ -491,6 +494,41 @@ def _run(args: argparse.Namespace, what: str) -> int:
     except (VdpasimError, OSError) as exc:
         _say(f"[bold red]error:[/] {escape(str(exc))}")
         return 1
+
+
+def _daemon_mode(runtime: RuntimeDir) -> str:
+    client = ControlClient.try_connect(runtime.control_socket, timeout=10.0)
+    if client is None:
+        return "user"
+    with client:
+        return str(client.request("daemon_get")["daemon"].get("mode", "user"))
+
+
+def _mgmtdev_show(args: argparse.Namespace, words: list[str], runtime: RuntimeDir, vdpa: nl.VdpaSocket) -> int:
+    """``mgmtdev show``: the daemon's management devices in user mode, the kernel's (its real family) in
+    kernel mode; with ``-x`` also the mode in use (a last text line, or a ``mode`` field in JSON)."""
+    mode = _daemon_mode(runtime)
+    kernel = nl.VdpaSocket() if mode == "kernel" else None
+    out = io.StringIO()
+    try:
+        cli = VdpaCli(kernel or vdpa, json_out=args.json, pretty=args.pretty, extensions=args.extensions, stdout=out)
+        status = cli.mgmtdev(words)
+    finally:
+        if kernel is not None:
+            kernel.close()
+    text = out.getvalue()
+    if args.extensions and (words or ["show"])[0] in ("show", "list"):
+        if args.json:
+            obj = json.loads(text)
+            obj["mode"] = mode
+            if args.pretty:
+                text = json.dumps(obj, indent=4, ensure_ascii=False) + "\n"
+            else:
+                text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n"
+        else:
+            text += f"mode {mode}\n"
+    sys.stdout.write(text)
+    return status
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
@@ -555,7 +593,7 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
                     pid = client.request("daemon_get")["daemon"]["pid"]
                 _say(escape(f"vdpasim: a daemon (pid {pid}) already serves {runtime.path}"))
                 return 0
-            pid = spawn_daemon(runtime, log_level=args.log_level)
+            pid = spawn_daemon(runtime, log_level=args.log_level, mode=args.mode)
             _say(escape(f"vdpasim: started a daemon (pid {pid}) in {runtime.path}, log {runtime.log_file}"))
             return 0
         if args.action == "stop":
@@ -615,4 +653,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     daemon.add_argument("action", nargs="?", choices=("run", "start", "stop", "status"), default="run")
     daemon.add_argument("--foreground", action="store_true", help="run in the foreground (the default for run)")
     daemon.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    daemon.add_argument(
+        "--mode",
+        default="auto",
+        choices=("auto", "kernel", "user"),
+        help="kernel: devices through VDUSE on the kernel's vDPA bus; user: the userspace bus (vhost-user); "
+        "auto (default): kernel where /dev/vduse/control and the kernel's vdpa family exist, else user",
+    )
     daemon.set_defaults(handler=_cmd_daemon)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import errno
 import logging
@@ -42,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .bus.model import Bus, BusError, DevSetConfig, VdpaDevice
+from .bus.model import VDPASIM_BLK, VDPASIM_NET, Bus, BusError, DevSetConfig, MgmtDev, VdpaDevice
 from .bus.server import VdpaNetlinkServer, datagrams
 from .control import (
     MAX_MESSAGE,
@@ -60,6 +61,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DaemonBus",
+    "KernelBus",
+    "MODES",
+    "choose_mode",
     "is_netlink",
     "ControlHandler",
     "Daemon",
@@ -157,6 +161,86 @@ class DaemonBus(Bus):
 
 
 # ======================================================================================================
+# Kernel mode: the same bus rules, but each device is a VDUSE device on the kernel's real vDPA bus
+# ======================================================================================================
+MODES = ("kernel", "user")
+
+
+def kernel_family_present() -> bool:
+    """Whether the running kernel answers for the ``vdpa`` generic-netlink family (module ``vdpa`` loaded)."""
+    from .bus.netlink import VdpaSocket
+
+    try:
+        sock = VdpaSocket()
+    except Exception:
+        return False
+    sock.close()
+    return True
+
+
+def choose_mode(requested: str | None = None) -> str:
+    """``kernel`` or ``user``: the requested one, else kernel where VDUSE and the kernel's family exist."""
+    if requested in MODES:
+        return requested  # type: ignore[return-value]
+    from .vduse.device import vduse_available
+
+    return "kernel" if vduse_available() and kernel_family_present() else "user"
+
+
+def _vduse_net_config(name: str, config: DevSetConfig) -> Any:
+    from .vduse.device import VDUSE_NET_UNSUPPORTED, vduse_net_config
+
+    if config.device_features is not None:
+        return VDPASIM_NET.build_config(name, config)
+    base = vduse_net_config(name).device_features & ~VDUSE_NET_UNSUPPORTED
+    return VDPASIM_NET.build_config(name, dataclasses.replace(config, device_features=base))
+
+
+# The vdpasim management devices mapped onto VDUSE: same names and attribute rules, but a net device
+# offers no control queue (the kernel serves none from userspace) unless device_features says otherwise.
+KERNEL_MGMTDEVS: tuple[MgmtDev, ...] = (dataclasses.replace(VDPASIM_NET, build_config=_vduse_net_config), VDPASIM_BLK)
+
+
+class KernelBus(DaemonBus):
+    """The daemon's bus in kernel mode: a device is created through ``/dev/vduse/control`` and added
+    to the kernel's vDPA bus (mgmtdev ``vduse``) under its name; ``delete`` undoes both. No vhost-user
+    socket: the kernel's drivers (virtio_vdpa, vhost_vdpa) are its front-ends."""
+
+    def __init__(self, runtime: RuntimeDir) -> None:
+        super().__init__(runtime)
+        self.mgmtdevs = KERNEL_MGMTDEVS
+        self.vduse: dict[str, Any] = {}
+
+    def _serve(self, vdev: VdpaDevice) -> None:
+        from .vduse.device import VduseDevice
+
+        try:
+            vduse = VduseDevice(vdev.device)
+        except VdpasimError as exc:
+            raise BusError(str(exc), errno=errno.EOPNOTSUPP, extack=f"vdpasim: {exc}") from None
+        try:
+            vduse.create()
+            vduse.add()
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                vduse.remove()
+            err = getattr(exc, "code", None) or getattr(exc, "errno", None) or errno.EIO
+            text = f"VDUSE: {exc}"
+            raise BusError(text, errno=err, extack=f"vdpasim: {text}") from None
+        self.vduse[vdev.name] = vduse
+        log.info("%s: added (%s) through VDUSE on the kernel's vDPA bus", vdev.name, vdev.mgmtdev.name)
+
+    def delete(self, name: str | None) -> None:
+        vdev = self.get(name)
+        vduse = self.vduse.pop(vdev.name, None)
+        try:
+            if vduse is not None:
+                vduse.remove()
+        finally:
+            Bus.delete(self, vdev.name)
+
+
+# ======================================================================================================
 # The control handler (no I/O)
 # ======================================================================================================
 def is_netlink(data: bytes) -> bool:
@@ -237,9 +321,10 @@ def configure_logging(level: str = "info") -> None:
 class Daemon:
     """One daemon on one runtime directory. ``run()`` returns the exit status."""
 
-    def __init__(self, runtime: RuntimeDir) -> None:
+    def __init__(self, runtime: RuntimeDir, mode: str = "user") -> None:
         self.runtime = runtime
-        self.bus = DaemonBus(runtime)
+        self.mode = mode
+        self.bus = KernelBus(runtime) if mode == "kernel" else DaemonBus(runtime)
         self.started = time.time()
         self.handler = ControlHandler(self.bus, self._info)
         self._wake_r, self._wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -255,6 +340,7 @@ class Daemon:
             "runtime_dir": str(self.runtime.path),
             "control_socket": str(self.runtime.control_socket),
             "log_file": str(self.runtime.log_file),
+            "mode": self.mode,
             "started": datetime.datetime.fromtimestamp(self.started, datetime.UTC).isoformat(timespec="seconds"),
         }
 
@@ -280,7 +366,13 @@ class Daemon:
             for path in self.runtime.remove_stale_sockets():
                 log.info("removed a stale socket %s (its daemon is gone)", path)
             listener = self._listen()
-            log.info("serving %s (pid %d, control socket %s)", self.runtime.path, os.getpid(), listener.getsockname())
+            log.info(
+                "serving %s in %s mode (pid %d, control socket %s)",
+                self.runtime.path,
+                self.mode,
+                os.getpid(),
+                listener.getsockname(),
+            )
             self._serve(listener)
             reason = signal.Signals(self._signal).name if self._signal else "a stop request"
             log.info("stopping on %s: %d device(s)", reason, len(self.bus.devices()))
@@ -391,7 +483,7 @@ class Daemon:
 # ======================================================================================================
 # Client side of the life cycle: start in the background, stop
 # ======================================================================================================
-def spawn_daemon(runtime: RuntimeDir, *, log_level: str = "info", timeout: float = 60.0) -> int:
+def spawn_daemon(runtime: RuntimeDir, *, log_level: str = "info", mode: str = "auto", timeout: float = 60.0) -> int:
     """Start ``vdpasim daemon`` in the background, logging to ``<runtime>/daemon.log``; return its pid
     once its control socket answers. Two commands racing to start one end up with the same daemon."""
     runtime.ensure()
@@ -400,7 +492,7 @@ def spawn_daemon(runtime: RuntimeDir, *, log_level: str = "info", timeout: float
     env[ENV_RUNTIME_DIR] = str(runtime.path)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vdpasim.cli", "daemon", "run", "--log-level", log_level],
+            [sys.executable, "-m", "vdpasim.cli", "daemon", "run", "--log-level", log_level, "--mode", mode],
             stdin=subprocess.DEVNULL,
             stdout=log_fd,
             stderr=log_fd,
@@ -474,4 +566,14 @@ def stop_daemon(runtime: RuntimeDir, *, timeout: float = 60.0) -> int | None:
 def run_foreground(args: argparse.Namespace) -> int:
     """``vdpasim daemon [run]``: serve until SIGTERM/SIGINT."""
     configure_logging(args.log_level)
-    return Daemon(runtime_dir()).run()
+    mode = choose_mode(getattr(args, "mode", "auto"))
+    if mode == "kernel":
+        from .vduse.device import vduse_available
+
+        if not vduse_available() or not kernel_family_present():
+            log.error(
+                "kernel mode needs VDUSE (/dev/vduse/control: modprobe vduse) and the kernel's vdpa netlink "
+                "family (modprobe vdpa); use --mode user for the userspace bus"
+            )
+            return 1
+    return Daemon(runtime_dir(), mode).run()

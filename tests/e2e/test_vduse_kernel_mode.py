@@ -15,12 +15,17 @@ the guest copies it into a tmpfs (the 9p share is read-only, and Numba wants a w
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from pyroute2.netlink.exceptions import NetlinkError
 
+from vdpasim.bus import Bus, VdpaNetlinkServer, VdpaSocket, datagrams
+from vdpasim.cli_dev import format_error
 from vdpasim.guest import GuestImage, GuestVM, build_guest
 from vdpasim.jit import CACHE_DIR
 
@@ -35,6 +40,57 @@ _WARM = (
     "from vdpasim.testing.vhost_user import warm_up\n"
     "warm_up(NetDevice); warm_up(BlkDevice)\n"
 )
+
+
+# The same invalid requests as vduse_guest/check.py makes to the kernel, made to vdpasim's userspace
+# server. vduse has no config attribute mask (and is multi-class: net and block), so where the mask is
+# what refuses the request the userspace twin is vdpasim_blk (mask 0 too); requests refused before the
+# management device is looked at go to vdpasim_net.
+USERSPACE_TWIN = {
+    "unknown_mgmtdev": {"name": "bad0", "mgmtdev": "vdpasim_nope"},
+    "duplicate_name": {"name": "knet0", "mgmtdev": "vdpasim_net"},
+    "bad_mac": {"name": "bad0", "mgmtdev": "vdpasim_blk", "mac": "01:00:00:00:00:01"},
+    "mtu_below_68": {"name": "bad0", "mgmtdev": "vdpasim_net", "mtu": 60},
+    "max_vqp_0": {"name": "bad0", "mgmtdev": "vdpasim_net", "max_vqp": 0},
+    "attr_outside_mask": {"name": "bad0", "mgmtdev": "vdpasim_blk", "mtu": 1500},
+    "net_attr_on_non_net": {"name": "bad0", "mgmtdev": "vdpasim_blk", "mac": "02:00:00:00:00:01"},
+    "del_unknown": {"del": "ghost"},
+}
+
+
+def _userspace_answers(requests: dict[str, dict]) -> dict[str, dict]:
+    """errno + extack of each request, from vdpasim's server over a socketpair (knet0 exists on it)."""
+    bus = Bus()
+    client, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = VdpaNetlinkServer(bus)
+
+    def serve() -> None:
+        while data := peer.recv(1 << 16):
+            for datagram in datagrams(server.handle(data, sender_pid=1, ext_ack=True)):
+                peer.send(datagram)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    answers: dict[str, dict] = {}
+    try:
+        with VdpaSocket(use_socket=client) as sock:
+            sock.dev("add", name="knet0", mgmtdev="vdpasim_net")
+            for case, request in requests.items():
+                try:
+                    if "del" in request:
+                        sock.dev("del", name=request["del"])
+                    else:
+                        sock.dev("add", **request)
+                    answers[case] = {"errno": 0, "extack": None}
+                except NetlinkError as exc:
+                    answers[case] = {"errno": abs(exc.code), "extack": exc.args[1] if len(exc.args) > 1 else None}
+    finally:
+        client.send(b"")
+        thread.join(timeout=30)
+        client.close()
+        peer.close()
+        bus.close()
+    return answers
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +164,32 @@ def test_vduse_kernel_mode_net_vhost_and_blk(image: GuestImage, generic_cache: P
     assert blk["size_bytes"] == 8 << 20
     assert blk["pattern_sha256"] == blk["readback_sha256"] == blk["backing_sha256"]
     assert blk["messages"]["failed"] == 0
+
+    # The daemon in kernel mode (chosen by itself: VDUSE and the family exist), driven by the vdpasim CLI.
+    kd = result.result("daemon-kernel")
+    assert kd["mgmtdev"]["mode"] == "kernel"
+    assert "vduse" in kd["mgmtdev"]["mgmtdev"]  # the kernel's management devices, from its family
+    assert kd["mgmtdev_text_last"] == ["mode kernel"]
+    assert kd["add_rc"] == 0, kd["add_stderr"]
+    assert kd["on_bus"]
+    assert kd["real_dev"]["dev"]["knet0"]["mgmtdev"] == "vduse"
+    assert kd["real_config"]["config"]["knet0"]["mac"] == "02:5e:00:00:00:20"
+    assert kd["del_rc"] == 0 and kd["gone"]
+    assert result.result("daemon-kernel-exit")["rc"] == 0
+
+    # Invalid requests: the real kernel's errno and extack (our VdpaSocket in the guest) equal vdpasim's
+    # userspace server's for the same request on a management device with the same semantics.
+    kernel = kd["invalid"]["pyroute2"]
+    print("kernel answers to invalid requests:", kernel)
+    assert set(kernel) == set(USERSPACE_TWIN)
+    assert all(answer["errno"] != 0 for answer in kernel.values()), kernel
+    userspace = _userspace_answers(USERSPACE_TWIN)
+    assert kernel == userspace
+    # ... and iproute2 reports them as our CLI does (format_error is what `vdpasim` prints).
+    for case, shown in kd["invalid"]["iproute2"].items():
+        assert shown["rc"] == 1
+        assert shown["stderr"] == format_error(NetlinkError(kernel[case]["errno"], kernel[case]["extack"])), case
+    # Where the buses differ legitimately: vdpasim_net takes a MAC and its model refuses a multicast
+    # one, whereas vduse takes no MAC attribute at all (the MAC comes from the VDUSE config space).
+    net_mac = _userspace_answers({"m": {"name": "bad0", "mgmtdev": "vdpasim_net", "mac": "01:00:00:00:00:01"}})["m"]
+    assert net_mac["errno"] == 22 and kernel["bad_mac"]["errno"] == 95  # EINVAL (model) vs EOPNOTSUPP (mask)

@@ -468,3 +468,22 @@ def test_the_family_lookup_is_answered_as_the_kernel_answers_it(daemon: DaemonPr
     assert [reply, ack] == expected
     _, kind, _, seq, _ = struct.unpack_from("=IHHII", reply)
     assert (kind, seq, struct.unpack_from("=i", ack, 16)[0]) == (0x10, 77, 0)
+
+
+def test_mode_is_user_without_vduse_and_shown_with_x(daemon: DaemonProcess) -> None:
+    assert not os.path.exists("/dev/vduse/control")  # the host has no VDUSE: auto chooses the userspace bus
+    text = daemon.cli("-x", "mgmtdev", "show").stdout
+    assert text.startswith("vdpasim_net: \n") and text.endswith("\nmode user\n")
+    shown = daemon.json("-x", "mgmtdev", "show")
+    assert shown["mode"] == "user" and set(shown["mgmtdev"]) == {"vdpasim_net", "vdpasim_blk"}
+    assert "mode" not in daemon.json("mgmtdev", "show")  # without -x: exactly what iproute2 prints
+    assert daemon.json("daemon", "status")["daemon"]["mode"] == "user"
+
+
+def test_kernel_mode_without_vduse_is_refused_with_the_reason(runtime: RuntimeDir) -> None:
+    assert not os.path.exists("/dev/vduse/control")
+    env = {**os.environ, "VDPASIM_RUNTIME_DIR": str(runtime.path)}
+    proc = subprocess.run([*VDPASIM, "daemon", "--mode", "kernel"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "kernel mode needs VDUSE (/dev/vduse/control" in proc.stderr
+    assert not runtime.control_socket.exists()

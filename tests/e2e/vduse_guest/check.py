@@ -283,12 +283,130 @@ def blk() -> None:
         vduse.remove()
 
 
+KERNEL_RUNTIME = "/run/vdpasim-k"
+MAC_K = "02:5e:00:00:00:20"
+
+
+def start_daemon() -> subprocess.Popen:
+    """``vdpasim daemon`` with no --mode (auto: kernel here), started early: its start-up under TCG
+    overlaps the other steps."""
+    env = dict(os.environ, VDPASIM_RUNTIME_DIR=KERNEL_RUNTIME)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vdpasim.cli", "daemon"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def vdpasim_cli(*args: str) -> tuple[int, str, str]:
+    """The ``vdpasim`` command, run in this (already warm) process: a new Python costs seconds under TCG."""
+    import contextlib
+    import io
+
+    from vdpasim.cli import main as cli_main
+
+    out, err = io.StringIO(), io.StringIO()
+    os.environ["VDPASIM_RUNTIME_DIR"] = KERNEL_RUNTIME
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+# Invalid requests to the kernel's real family: (case, request). The host test makes the same ones to
+# vdpasim's userspace server (with vdpasim_blk where vduse's empty attribute mask is what matters).
+INVALID = [
+    ("unknown_mgmtdev", {"name": "bad0", "mgmtdev": "vdpasim_nope"}),
+    ("duplicate_name", {"name": "knet0", "mgmtdev": "vduse"}),
+    ("bad_mac", {"name": "bad0", "mgmtdev": "vduse", "mac": "01:00:00:00:00:01"}),
+    ("mtu_below_68", {"name": "bad0", "mgmtdev": "vduse", "mtu": 60}),
+    ("max_vqp_0", {"name": "bad0", "mgmtdev": "vduse", "max_vqp": 0}),
+    ("attr_outside_mask", {"name": "bad0", "mgmtdev": "vduse", "mtu": 1500}),
+    ("net_attr_on_non_net", {"name": "bad0", "mgmtdev": "vduse", "mac": "02:00:00:00:00:01"}),
+    ("del_unknown", {"del": "ghost"}),
+]
+IPROUTE2_INVALID = {
+    "unknown_mgmtdev": ["dev", "add", "name", "bad0", "mgmtdev", "vdpasim_nope"],
+    "mtu_below_68": ["dev", "add", "name", "bad0", "mgmtdev", "vduse", "mtu", "60"],
+    "max_vqp_0": ["dev", "add", "name", "bad0", "mgmtdev", "vduse", "max_vqp", "0"],
+    "attr_outside_mask": ["dev", "add", "name", "bad0", "mgmtdev", "vduse", "mtu", "1500"],
+    "del_unknown": ["dev", "del", "ghost"],
+}
+
+
+def invalid_requests() -> dict[str, object]:
+    """Each invalid request through our VdpaSocket (errno + extack) and, where cheap, iproute2's report."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from vdpasim.bus.netlink import VdpaSocket
+
+    answers: dict[str, object] = {}
+    with VdpaSocket() as sock:
+        for case, request in INVALID:
+            try:
+                if "del" in request:
+                    sock.dev("del", name=request["del"])
+                else:
+                    sock.dev("add", **request)
+                answers[case] = {"errno": 0, "extack": None}
+            except NetlinkError as exc:
+                answers[case] = {"errno": abs(exc.code), "extack": exc.args[1] if len(exc.args) > 1 else None}
+    iproute2 = {}
+    for case, args in IPROUTE2_INVALID.items():
+        proc = subprocess.run(["/usr/sbin/vdpa", *args], capture_output=True, text=True, timeout=30)
+        iproute2[case] = {"rc": proc.returncode, "stderr": proc.stderr}
+    return {"pyroute2": answers, "iproute2": iproute2}
+
+
+@step("daemon-kernel")
+def daemon_kernel(daemon: subprocess.Popen) -> None:
+    """The daemon in kernel mode and the ``vdpasim`` CLI: mgmtdev show, dev add/del on the real bus."""
+    import signal
+
+    try:
+        wait_for(KERNEL_RUNTIME + "/control.sock", 90)
+        rc, shown, err = vdpasim_cli("-x", "-j", "mgmtdev", "show")
+        text = vdpasim_cli("-x", "mgmtdev", "show")[1]
+        add_rc, _, add_err = vdpasim_cli("dev", "add", "name", "knet0", "mgmtdev", "vdpasim_net", "mac", MAC_K)
+        on_bus = os.path.exists("/sys/bus/vdpa/devices/knet0")
+        invalid = invalid_requests()  # while knet0 is on the bus: its name is taken
+        real = subprocess.run(["/usr/sbin/vdpa", "-j", "dev", "show", "knet0"], capture_output=True, text=True)
+        config = subprocess.run(
+            ["/usr/sbin/vdpa", "-j", "dev", "config", "show", "knet0"], capture_output=True, text=True
+        )
+        del_rc = vdpasim_cli("dev", "del", "knet0")[0]
+        result(
+            "daemon-kernel",
+            mgmtdev=json.loads(shown) if rc == 0 else err,
+            mgmtdev_text_last=text.splitlines()[-1:],
+            add_rc=add_rc,
+            add_stderr=add_err,
+            on_bus=on_bus,
+            real_dev=json.loads(real.stdout) if real.returncode == 0 else real.stderr,
+            real_config=json.loads(config.stdout) if config.returncode == 0 else config.stderr,
+            del_rc=del_rc,
+            invalid=invalid,
+            gone=not os.path.exists("/sys/bus/vdpa/devices/knet0") and not os.path.exists("/dev/vduse/knet0"),
+        )
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            _, log = daemon.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            _, log = daemon.communicate()
+        result("daemon-kernel-exit", rc=daemon.returncode, log_tail=log[-1500:])
+
+
 def main() -> int:
     result("guest-python", python=sys.version.split()[0], startup_ms=round((time.monotonic() - T0) * 1000))
+    daemon = start_daemon()
     mgmtdev()
     jit()
     net()
     blk()
+    daemon_kernel(daemon)
     result("check-done", ms=round((time.monotonic() - T0) * 1000))
     return 0
 
