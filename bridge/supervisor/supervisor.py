@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -41,10 +42,53 @@ _PATH_MAX = 4096
 
 
 class TargetMemory:
-    """The calling thread's address space, through /proc/TID/mem; faults become EFAULT."""
+    """The calling thread's address space (through /proc/TID/mem; faults become EFAULT) and its process's fds
+    and file mappings: what a char-device server needs from its caller (bridge/vhost_vdpa/server.py ``Caller``)."""
 
-    def __init__(self, tid: int) -> None:
+    def __init__(self, tid: int, tgid: int | None = None) -> None:
         self.tid = tid
+        self.tgid = tid if tgid is None else tgid
+
+    def take_fd(self, number: int) -> int:
+        """A duplicate, in this process, of the caller's fd ``number`` (pidfd_getfd: as the kernel's
+        eventfd_ctx_fdget takes a reference to the caller's file)."""
+        try:
+            pidfd = os.pidfd_open(self.tgid)
+        except OSError as exc:
+            raise PeerError(f"process {self.tgid} is gone", errno=errno.ESRCH) from exc
+        try:
+            return _pidfd_getfd(pidfd, number)
+        except OSError as exc:
+            raise PeerError(f"fd {number} of process {self.tgid}: {exc.strerror}", errno=errno.EBADF) from exc
+        finally:
+            os.close(pidfd)
+
+    def map_file(self, addr: int, length: int) -> tuple[int, int]:
+        """(fd, file offset) of the shared file mapping holding [addr, addr+length) whole in the caller.
+
+        How a VMM address in an IOTLB update becomes memory we can map too: guest RAM must be a shared
+        file mapping (QEMU ``memory-backend-memfd,share=on`` or ``memory-backend-file,share=on``); private
+        or anonymous memory is refused with EFAULT and says so. The fd comes from /proc/TGID/map_files.
+        """
+        mapping = _find_mapping(self.tgid, addr, length)
+        if mapping is None:
+            raise PeerError(
+                f"{addr:#x}+{length:#x} is not inside one mapping of process {self.tgid}", errno=errno.EFAULT
+            )
+        start, end, perms, offset, path = mapping
+        if perms[3] != "s" or not path.startswith("/"):
+            raise PeerError(
+                f"{addr:#x}+{length:#x} in process {self.tgid} is private memory ({perms} {path or 'anonymous'}): "
+                "guest RAM must be a shared file mapping (memory-backend-memfd,share=on)",
+                errno=errno.EFAULT,
+            )
+        mode = os.O_RDWR if perms[1] == "w" else os.O_RDONLY
+        try:
+            fd = os.open(f"/proc/{self.tgid}/map_files/{start:x}-{end:x}", mode | os.O_CLOEXEC)
+        except OSError as exc:
+            reason = f"cannot open the file behind {addr:#x} ({path}): {exc.strerror}"
+            raise PeerError(reason, errno=errno.EFAULT) from exc
+        return fd, offset + addr - start
 
     def read(self, addr: int, length: int) -> bytes:
         try:
@@ -82,6 +126,38 @@ class TargetMemory:
                 return out + piece[:end]
             out += piece
         raise PeerError(f"string at {addr:#x} longer than {limit} bytes", errno=errno.ENAMETOOLONG)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_PIDFD_GETFD = 438
+
+
+def _pidfd_getfd(pidfd: int, number: int) -> int:
+    fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, number, 0)
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def _find_mapping(tgid: int, addr: int, length: int) -> tuple[int, int, str, int, str] | None:
+    """(start, end, perms, file offset, path) of the mapping in /proc/TGID/maps holding [addr, addr+length)."""
+    if length <= 0 or addr < 0:
+        return None
+    try:
+        with open(f"/proc/{tgid}/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if start <= addr < end:
+                    if addr + length > end:
+                        return None
+                    path = fields[5].strip() if len(fields) > 5 else ""
+                    return start, end, fields[1], int(fields[2], 16), path
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 class NodeHandler(Protocol):
@@ -166,7 +242,7 @@ class Supervisor:
                 seccomp.respond(self.listener, notification.id, error=errno.EIO)
 
     def _tgid(self, tid: int) -> int:
-        with open(f"/proc/{tid}/status") as status:
+        with contextlib.suppress(OSError), open(f"/proc/{tid}/status") as status:
             for line in status:
                 if line.startswith("Tgid:"):
                     return int(line.split()[1])
@@ -174,12 +250,12 @@ class Supervisor:
 
     def _answer(self, n: seccomp.Notification) -> None:
         name = {v: k for k, v in seccomp.SYSCALLS.items()}.get(n.nr)
-        memory = TargetMemory(n.pid)
         try:
             if name == "openat":
-                self._openat(n, memory)
+                self._openat(n, TargetMemory(n.pid))
                 return
             tgid = self._tgid(n.pid)
+            memory = TargetMemory(n.pid, tgid)
             handler = self.open_nodes.get((tgid, n.args[0] & 0xFFFFFFFF))
             if handler is None:
                 seccomp.respond_continue(self.listener, n.id)

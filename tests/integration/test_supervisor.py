@@ -104,3 +104,45 @@ def test_an_unmodified_program_talks_to_a_simulated_node() -> None:
     ]
     assert node.written == [b"x" * 72]
     assert ToyNode.opened == 2 and ToyNode.closed == 2  # the reopen, then close() at the end
+
+
+def test_target_fds_and_shared_file_mappings_are_reachable() -> None:
+    """take_fd and map_file, what a vhost-vdpa server needs of its caller, on this very process."""
+    import ctypes
+    import mmap
+    import os
+
+    memory = TargetMemory(os.getpid())
+    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, 1 << 20)
+    shared = mmap.mmap(ram, 1 << 20, flags=mmap.MAP_SHARED)
+    private = mmap.mmap(-1, 8192, flags=mmap.MAP_PRIVATE)
+    events = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(shared))
+        shared[8192:8196] = b"ring"
+        fd, offset = memory.map_file(base + 8192, 4096)
+        try:
+            assert offset == 8192 and os.pread(fd, 4, offset) == b"ring"
+        finally:
+            os.close(fd)
+        for addr, length in ((base, 2 << 20), (ctypes.addressof(ctypes.c_char.from_buffer(private)), 16), (8, 8)):
+            try:
+                memory.map_file(addr, length)
+                raise AssertionError("mapped")
+            except PeerError as exc:
+                assert exc.errno == errno.EFAULT
+        copy = memory.take_fd(events)
+        os.eventfd_write(copy, 5)
+        os.close(copy)
+        assert os.eventfd_read(events) == 5
+        try:
+            memory.take_fd(1000)
+            raise AssertionError("took a closed fd")
+        except PeerError as exc:
+            assert exc.errno == errno.EBADF
+    finally:
+        os.close(events)
+        shared.close()
+        private.close()
+        os.close(ram)
