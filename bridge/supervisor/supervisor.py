@@ -22,9 +22,11 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -177,13 +179,19 @@ class NodeFactory(Protocol):
         """A new handler; raise PeerError (e.g. EBUSY for a second open) to fail the open."""
 
 
+class NodeDirectory(Protocol):
+    """Which paths are simulated nodes: looked up at each open, so nodes may come and go while the program runs."""
+
+    def get(self, path: str) -> NodeFactory | None: ...
+
+
 class Supervisor:
-    def __init__(self, argv: Sequence[str], nodes: Mapping[str, NodeFactory], **popen: object) -> None:
-        if len(nodes) > MAX_NODES:
-            raise ValueError(f"at most {MAX_NODES} simulated nodes")
-        self.nodes = dict(nodes)
+    def __init__(self, argv: Sequence[str], nodes: NodeDirectory | Mapping[str, NodeFactory], **popen: object) -> None:
+        self.nodes = nodes
+        self._slots: dict[str, int] = {}  # node path -> its fixed fd number's offset from FIRST_NODE_FD
         self.open_nodes: dict[tuple[int, int], NodeHandler] = {}  # (tgid, fd) -> handler
-        self.calls = 0
+        self.calls = 0  # trapped calls answered, and the time spent answering them
+        self.busy_seconds = 0.0
         rules = [seccomp.Rule("openat"), seccomp.Rule("ioctl", ioctl_type=0xAF)]
         for i in range(MAX_NODES):
             rules += [seccomp.Rule(call, arg0=FIRST_NODE_FD + i) for call in ("write", "close")]
@@ -227,19 +235,49 @@ class Supervisor:
 
     # ----- the loop -----
     def _loop(self) -> None:
+        """Answer trapped calls; release the nodes a process held when it dies (it closes no fd then)."""
+        self._poller = select.poll()
+        self._poller.register(self.listener, select.POLLIN)
+        self._pidfds: dict[int, int] = {}  # pidfd -> tgid, for every process holding a node open
         while True:
-            try:
-                notification = seccomp.receive(self.listener)
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.EINTR):
-                    continue  # the caller went away before we read it
-                return  # the listener is gone: every process of the tree exited
-            self.calls += 1
-            try:
-                self._answer(notification)
-            except Exception:  # a bug here must not leave the target blocked forever
-                log.exception("answering %s", notification)
-                seccomp.respond(self.listener, notification.id, error=errno.EIO)
+            for fd, events in self._poller.poll():
+                if fd != self.listener:
+                    self._release(self._pidfds.pop(fd))
+                    self._poller.unregister(fd)
+                    os.close(fd)
+                elif events & select.POLLIN:
+                    self._receive()
+                elif events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    for tgid in {tgid for tgid, _ in self.open_nodes}:
+                        self._release(tgid)  # every process of the tree exited (or we were closed)
+                    return
+
+    def _receive(self) -> None:
+        try:
+            notification = seccomp.receive(self.listener)
+        except OSError:
+            return  # the caller went away before we read it (ENOENT), or the listener is closing
+        self.calls += 1
+        started = time.perf_counter()
+        try:
+            self._answer(notification)
+        except Exception:  # a bug here must not leave the target blocked forever
+            log.exception("answering %s", notification)
+            seccomp.respond(self.listener, notification.id, error=errno.EIO)
+        self.busy_seconds += time.perf_counter() - started
+
+    def _watch(self, tgid: int) -> None:
+        if tgid in self._pidfds.values():
+            return
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(tgid)
+            self._pidfds[pidfd] = tgid
+            self._poller.register(pidfd, select.POLLIN)
+
+    def _release(self, tgid: int) -> None:
+        for key in [key for key in self.open_nodes if key[0] == tgid]:
+            log.info("process %d exited holding fd %d: releasing it", tgid, key[1])
+            self.open_nodes.pop(key).close()
 
     def _tgid(self, tid: int) -> int:
         with contextlib.suppress(OSError), open(f"/proc/{tid}/status") as status:
@@ -284,10 +322,15 @@ class Supervisor:
             seccomp.respond_continue(self.listener, n.id)
             return
         tgid = self._tgid(n.pid)
-        number = FIRST_NODE_FD + list(self.nodes).index(path)
+        if path not in self._slots:
+            if len(self._slots) == MAX_NODES:
+                raise PeerError(f"{path}: more than {MAX_NODES} simulated nodes opened", errno=errno.ENFILE)
+            self._slots[path] = len(self._slots)
+        number = FIRST_NODE_FD + self._slots[path]
         if (tgid, number) in self.open_nodes:
             raise PeerError(f"{path} is already open", errno=errno.EBUSY)  # exclusive, as vhost-vdpa
         handler = factory.open(n.args[2])
         self.open_nodes[(tgid, number)] = handler
+        self._watch(tgid)
         seccomp.add_fd(self.listener, n.id, self._placeholder, target_fd=number, send=True)
         log.info("%s opened by %d as fd %d", path, tgid, number)

@@ -146,3 +146,30 @@ def test_target_fds_and_shared_file_mappings_are_reachable() -> None:
         shared.close()
         private.close()
         os.close(ram)
+
+
+def test_a_node_held_by_a_dying_process_is_released() -> None:
+    """A process that exits (or is killed) closes no fd by syscall: the supervisor still releases its node,
+    while a sibling in the same tree keeps running."""
+    node = ToyNode()
+    before = ToyNode.closed
+    program = textwrap.dedent(
+        """
+        import os, subprocess, sys, time
+        opener = "import os; os.open('/dev/vhost-vdpa-0', os.O_RDWR); os._exit(3)"
+        child = subprocess.Popen([sys.executable, "-c", opener])
+        print("child", child.wait(), flush=True)
+        time.sleep(0.5)
+        fd = os.open("/dev/vhost-vdpa-0", os.O_RDWR)  # free again: not EBUSY
+        print("reopened", fd, flush=True)
+        """
+    )
+    supervisor = Supervisor([sys.executable, "-c", program], {"/dev/vhost-vdpa-0": node}, stdout=-1, stderr=-1)
+    try:
+        out, err = supervisor.process.communicate(timeout=60)
+        assert supervisor.process.returncode == 0, err.decode()
+        assert out.decode().splitlines() == ["child 3", f"reopened {FIRST_NODE_FD}"]
+        supervisor.wait(10)
+        assert ToyNode.closed - before == 2  # the dead child's open, then the parent's at its exit
+    finally:
+        supervisor.close()
