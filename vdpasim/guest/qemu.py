@@ -19,7 +19,7 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -194,6 +194,8 @@ class GuestVM:
     host_root: bool = False
     pass_fds: Sequence[int] = ()
     qemu: str = QEMU
+    # Starts QEMU: subprocess.Popen, or a wrapper that runs it under the bypass supervisor (vhost-vdpa).
+    launcher: Callable[..., subprocess.Popen] = subprocess.Popen
     proc: subprocess.Popen | None = field(default=None, init=False)
     _started: float = field(default=0.0, init=False)
 
@@ -258,7 +260,7 @@ class GuestVM:
         self.log_path.write_bytes(b"")
         qemu_log = open(self._qemu_log_path(), "wb")  # noqa: SIM115 - handed to the child, closed below
         try:
-            self.proc = subprocess.Popen(
+            self.proc = self.launcher(
                 self.command(),
                 stdin=subprocess.DEVNULL,
                 stdout=qemu_log,

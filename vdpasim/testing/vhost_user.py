@@ -33,12 +33,15 @@ import os
 import select
 import shutil
 import struct
+import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from bridge.bypass import VhostVdpaNode
+from bridge.supervisor.supervisor import Supervisor
 from bridge.vhost_user.server import VhostUserServer  # a test kit joins both halves; the core never does
 
 from ..config import BlkConfig, NetConfig, format_mac
@@ -95,6 +98,26 @@ def vhost_user_net_args(
         "-device",
         ",".join(device),
     ]
+
+
+def vhost_vdpa_net_args(
+    index: int,
+    node: str,
+    *,
+    mac: str | None = None,
+    packed: bool = False,
+    event_idx: bool = True,
+    queue_size: int | None = None,
+) -> list[str]:
+    """QEMU arguments for a virtio-net-pci NIC on the vhost-vdpa device ``node`` (/dev/vhost-vdpa-N): what one
+    writes on a kernel with real vDPA. QEMU reads the device's MAC (``mac=`` would write it into the device)."""
+    device = [f"virtio-net-pci,id=nic{index},netdev=net{index}", "romfile=", "vectors=0"]
+    if mac is not None:
+        device.append(f"mac={mac}")
+    device += _ring_options(packed, event_idx)
+    if queue_size is not None:
+        device += [f"rx_queue_size={queue_size}", f"tx_queue_size={queue_size}"]
+    return ["-netdev", f"vhost-vdpa,id=net{index},vhostdev={node}", "-device", ",".join(device)]
 
 
 def vhost_user_blk_args(
@@ -283,7 +306,12 @@ class VhostUserRig:
     # with "Oops: int3" at a static-key site it had just patched on its other vCPU: QEMU 7.2 ran stale
     # translated code. Single-threaded TCG invalidates it for every vCPU at once; it costs ~30 % per boot.
     accel: str = "tcg,thread=single"
+    # "vhost-user": QEMU connects to the sockets; "vhost-vdpa": QEMU runs under the bypass supervisor and opens
+    # /dev/vhost-vdpa-N, each a vhost-vdpa server bridged to the device's socket (bridge/bypass.py).
+    transport: str = "vhost-user"
     backends: list[_Backend] = field(default_factory=list, init=False)
+    nodes: dict[str, VhostVdpaNode] = field(default_factory=dict, init=False)
+    supervisor: Supervisor | None = field(default=None, init=False)
     socket_dir: Path | None = field(default=None, init=False)
     vm: GuestVM | None = field(default=None, init=False)
 
@@ -299,18 +327,18 @@ class VhostUserRig:
         """Serve a net device; the guest sees it as a virtio-net-pci NIC with all its queue pairs."""
         device = NetDevice(config)
         mac = format_mac(device.mac)
-        self._serve(
-            device,
-            lambda index, path: vhost_user_net_args(
-                index,
-                path,
-                mac=mac,
-                queue_pairs=config.max_vqp,
-                packed=packed,
-                event_idx=event_idx,
+
+        def qemu_args(index: int, path: Path) -> list[str]:
+            if self.transport == "vhost-vdpa":
+                node = f"/dev/vhost-vdpa-{index}"
+                self.nodes[node] = VhostVdpaNode(device.name, str(path))
+                return vhost_vdpa_net_args(index, node, packed=packed, event_idx=event_idx, queue_size=queue_size)
+            return vhost_user_net_args(
+                index, path, mac=mac, queue_pairs=config.max_vqp, packed=packed, event_idx=event_idx,
                 queue_size=queue_size,
-            ),
-        )
+            )  # fmt: skip
+
+        self._serve(device, qemu_args)
         return device
 
     def add_blk(
@@ -374,9 +402,12 @@ class VhostUserRig:
                 memory_mb=self.memory_mb,
                 accel=self.accel,
                 shared_memory=True,
+                launcher=self._launch,
             )
             with self.vm:
                 boot = self.vm.wait()
+            if self.supervisor is not None:
+                self.supervisor.close()  # releases the nodes QEMU held: their servers reset the devices
             for backend in self.backends:
                 backend.stop()
         finally:
@@ -389,11 +420,19 @@ class VhostUserRig:
         }
         return RigResult(boot=boot, backend_log=collector.lines, counters=counters, vstats=vstats)
 
+    def _launch(self, argv: list[str], **popen: object) -> subprocess.Popen:
+        if self.transport == "vhost-user":
+            return subprocess.Popen(argv, **popen)  # type: ignore[call-overload]
+        self.supervisor = Supervisor(argv, self.nodes, **popen)
+        return self.supervisor.process
+
     # ----- tear-down -----
     def close(self) -> None:
         """End QEMU (by PID), the servers and the devices; remove the sockets. Safe to call twice."""
         if self.vm is not None:
             self.vm.stop()
+        if self.supervisor is not None:
+            self.supervisor.close()
         first_error: BaseException | None = None
         for backend in self.backends:  # every one is torn down; the first failure is raised at the end
             for step in (backend.stop, backend.device.close):
