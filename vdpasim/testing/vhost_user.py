@@ -39,8 +39,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from bridge.bypass import VhostVdpaNode
 from bridge.supervisor.supervisor import Supervisor
 from bridge.vhost_user.server import VhostUserServer  # a test kit joins both halves; the core never does
 
@@ -55,6 +55,9 @@ from ..ops import supports
 from ..virtio import constants as c
 from .driver import DriverQueue, GuestMemory
 from .net import NetHarness, ethernet
+
+if TYPE_CHECKING:
+    from bridge.bypass import VhostVdpaNode
 
 __all__ = [
     "DEFAULT_MEMORY_MB",
@@ -330,6 +333,8 @@ class VhostUserRig:
 
         def qemu_args(index: int, path: Path) -> list[str]:
             if self.transport == "vhost-vdpa":
+                from bridge.bypass import VhostVdpaNode
+
                 node = f"/dev/vhost-vdpa-{index}"
                 self.nodes[node] = VhostVdpaNode(device.name, str(path))
                 return vhost_vdpa_net_args(index, node, packed=packed, event_idx=event_idx, queue_size=queue_size)
