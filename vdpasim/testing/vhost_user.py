@@ -51,6 +51,7 @@ from ..devices.net import NetDevice
 from ..errors import UsageError, VdpasimError
 from ..guest.build import GuestImage
 from ..guest.qemu import BootResult, GuestRunError, GuestVM
+from ..guest.workloads import fnv1a64, loopback_frame, loopback_kind
 from ..ops import supports
 from ..virtio import constants as c
 from .driver import DriverQueue, GuestMemory
@@ -67,6 +68,8 @@ __all__ = [
     "vhost_user_blk_args",
     "vhost_user_net_args",
     "warm_up",
+    "assert_counters_agree",
+    "assert_loopback",
 ]
 
 DEFAULT_MEMORY_MB = 512  # enough for the guest's workloads; less RAM for the back-end to map
@@ -459,3 +462,42 @@ class VhostUserRig:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+# ----- what the e2e tests assert of a net run, on either door -----
+def assert_counters_agree(run: RigResult, name: str, guest: dict[str, int]) -> None:
+    """The device's vstats, summed over its queues, are the guest interface's counters."""
+    device = run.net_totals(name)
+    assert (device["tx packets"], device["tx bytes"]) == (guest["tx_packets"], guest["tx_bytes"])
+    assert (device["rx packets"], device["rx bytes"]) == (guest["rx_packets"], guest["rx_bytes"])
+    assert device["tx errors"] == device["rx errors"] == device["rx overruns"] == 0
+    assert guest["tx_errors"] == guest["rx_errors"] == guest["rx_dropped"] == guest["tx_dropped"] == 0
+
+
+def assert_loopback(loop: dict, mac_text: str, count: int, seed: int) -> None:
+    """Own-MAC and broadcast frames came back once each, byte for byte; foreign-MAC frames never did."""
+    mac = bytes.fromhex(mac_text.replace(":", ""))
+    frames = [loopback_frame(mac, seed, seq) for seq in range(count)]
+    passed = [seq for seq in range(count) if loopback_kind(seq) != "foreign"]
+    assert loop["mac"] == mac_text
+    assert (loop["sent"], loop["send_errors"], loop["received"]) == (count, 0, len(passed))
+    assert (loop["duplicates"], loop["corrupt"], loop["other_frames"], loop["corrupt_seqs"]) == (0, 0, 0, [])
+    assert loop["missing"] == [seq for seq in range(count) if seq not in passed]
+    third = count // 3
+    assert loop["kinds"] == {
+        "own": {"sent": third, "back": third},
+        "broadcast": {"sent": third, "back": third},
+        "foreign": {"sent": third, "back": 0},
+    }
+    assert loop["pkttype"] == {"host": third, "broadcast": third, "multicast": 0, "otherhost": 0}
+    # The guest compared every frame it got with the one it sent (memcmp) and hashed both streams;
+    # the host rebuilds the frames and checks the guest's per-frame and stream digests against them.
+    assert loop["frames"] == [
+        [seq, len(frame), f"{fnv1a64(frame):016x}", int(seq in passed)] for seq, frame in enumerate(frames)
+    ]
+    sent = back = 0xCBF29CE484222325
+    for seq, frame in enumerate(frames):
+        sent = fnv1a64(frame, sent)
+        if seq in passed:
+            back = fnv1a64(frame, back)
+    assert (loop["digest_sent"], loop["digest_back"]) == (f"{sent:016x}", f"{back:016x}")
