@@ -204,7 +204,8 @@ class Supervisor:
             theirs.sendmsg([b"L"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [listener]).tobytes())])
             os.close(listener)
 
-        self.process = subprocess.Popen(list(argv), preexec_fn=confine, pass_fds=(theirs.fileno(),), **popen)  # type: ignore[call-overload]
+        pass_fds = (*popen.pop("pass_fds", ()), theirs.fileno())  # type: ignore[misc]
+        self.process = subprocess.Popen(list(argv), preexec_fn=confine, pass_fds=pass_fds, **popen)  # type: ignore[call-overload]
         theirs.close()
         _, ancillary, _, _ = ours.recvmsg(1, socket.CMSG_SPACE(4))
         ours.close()
