@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
-from bridge.supervisor.supervisor import FIRST_NODE_FD, Supervisor
+from bridge.supervisor.supervisor import FIRST_NODE_FD, Supervisor, TargetMemory
+from bridge.vhost_user.client import VhostUserClient
+from bridge.vhost_user.server import VhostUserServer
+from bridge.vhost_vdpa.client import VhostVdpaClient
 from bridge.vhost_vdpa.server import VhostVdpaServer
 from vdpasim.config import NetConfig
 from vdpasim.devices.net import NetDevice
+from vdpasim.testing.driver import GuestMemory
+from vdpasim.testing.net import BROADCAST, NetDriver, ethernet
+from vdpasim.testing.vhost_vdpa import FakeCaller, ServerTransport
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,3 +128,51 @@ def test_client_drives_a_net_device_through_the_supervised_server() -> None:
     assert server.stats.writes >= 3 and server.stats.commits >= 1
     assert server.stats.failures == 2  # EBUSY, EINVAL; the client answers ENOBUFS itself, knowing the queue count
     assert device.get_status() == 0 and len(device.memory) == 0  # release reset the device and its map
+
+
+class SelfCaller(FakeCaller):
+    """This process as the caller: ioctl arguments in a FakeCaller's memory, file mappings from /proc/self."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._proc = TargetMemory(os.getpid())
+
+    def map_file(self, uaddr: int, size: int) -> tuple[int, int]:
+        return self._proc.map_file(uaddr, size)
+
+
+def test_reverse_bridge_vhost_user_in_front_of_a_vhost_vdpa_fd() -> None:
+    """A vhost-user socket served over VhostVdpaClient: DPDK's vDPA framework shape, with the fd in-process.
+
+    NetDriver -> VhostUserClient -> socket -> VhostUserServer -> VhostVdpaClient -> VhostVdpaServer ->
+    NetDevice. The back-end hands the client user addresses (RingAddressSpace.USER) and the regions it
+    mapped from the front-end's memfds; the client translates ring addresses to IOVAs and maps the
+    regions by their address in this process, which the server resolves to the same memfds.
+    """
+    device = NetDevice(NetConfig(name="rev0"))
+    server = VhostVdpaServer(device, name="vhost-vdpa-rev")
+    vdpa = VhostVdpaClient(transport=ServerTransport(server, SelfCaller()))
+    workdir = tempfile.mkdtemp(prefix="vdpasim-rev-")
+    os.chmod(workdir, 0o700)
+    front = VhostUserServer(vdpa, os.path.join(workdir, "rev.sock"))
+    front.start()
+    try:
+        with GuestMemory(8 << 20) as memory, VhostUserClient(front.path) as client:
+            driver = NetDriver(client, memory, queue_size=64)
+            try:
+                driver.initialize()
+                frames = [ethernet(BROADCAST, bytes.fromhex("020000000099"), 0x88B5, bytes([i]) * 80) for i in range(4)]
+                driver.post_rx(0, 8)
+                driver.send(0, frames)
+                assert [r.frame for r in driver.receive(0, 4, timeout=120)] == frames
+                assert device.vstats(1)["tx packets"] == 4
+                assert server.stats.commits >= 1 and server.mappings()
+            finally:
+                client.reset()
+                driver.close()
+    finally:
+        front.stop()
+        os.rmdir(workdir)
+        vdpa.close()
+        device.close()
+    assert server.closed and len(device.memory) == 0
