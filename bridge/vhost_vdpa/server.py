@@ -53,8 +53,11 @@ address spaces, a batch of another asid, no mapping yet in that asid for INVALID
 UPDATE outside the IOVA range / wrapping (EINVAL inside), overlapping a mapping (EEXIST inside), an unknown
 message type); the exception raised (``IotlbRejected``) keeps the handler's errno as ``cause`` and the log
 line says what it was. UPDATE maps the caller's shared file mapping (``caller.map_file``) as a
-``Region``; INVALIDATE drops every mapping that meets [iova, iova + size - 1] whole (vhost_iotlb_del_range
-semantics: mappings are never split); BATCH_BEGIN .. BATCH_END collects changes for one ``ops.set_map``,
+``Region``; a range that is not backed by a shared file (QEMU's ROMs and other anonymous RAM blocks) is
+skipped without an error and without an IOTLB entry, as vhost_vdpa_va_map skips VMAs that are not
+VM_SHARED files -- the device simply cannot reach it (``stats.skipped`` counts them). INVALIDATE drops
+every mapping that meets [iova, iova + size - 1] whole (vhost_iotlb_del_range semantics: mappings are
+never split). BATCH_BEGIN .. BATCH_END collects changes for one ``ops.set_map``,
 and outside a batch every UPDATE and INVALIDATE commits at once. A write returns 72 (the kernel answers
 sizeof the framing for any write of at least the 40 bytes it reads). A Region is closed only once it is
 neither in the IOTLB nor in the table the device was last given.
@@ -62,9 +65,10 @@ neither in the IOTLB nor in the table the device was last given.
 Deliberate differences from the kernel:
 
 * Ownership is per open file, not per process (``Caller`` carries no mm): SET_OWNER makes this open owned.
-* An UPDATE whose range is not backed by one shared file mapping fails (EFAULT, cause from ``map_file``);
-  the kernel silently skips non-shared VMAs, leaving the device reading memory nobody mapped. ``perm`` must
-  be RO, WO or RW (the kernel's use_va path does not check it).
+* An UPDATE of a range ``map_file`` cannot resolve is skipped whatever the reason; the kernel skips
+  non-shared VMAs too but fails (EFAULT) a range with no VMA at all, which the Caller protocol does not
+  tell apart. A range spanning several mappings is resolved as one (QEMU sends one UPDATE per RAM block).
+  ``perm`` must be RO, WO or RW (the kernel's use_va path does not check it).
 * A reset by SET_STATUS(0) also closes the kick, call and error eventfds: our devices forget them on reset
   (SimDevice.reset), where the kernel's vhost layer would keep polling the old kick fd.
 * Only address space 0 is the device's memory (DeviceOps.set_map has no asid); mappings in other address
@@ -154,6 +158,7 @@ class VhostVdpaStats:
     failures: int = 0
     seconds: float = 0.0
     updates: int = 0
+    skipped: int = 0  # UPDATEs of memory that is not a shared file mapping
     invalidates: int = 0
     commits: int = 0
     requests: dict[str, int] = field(default_factory=dict)
@@ -697,7 +702,19 @@ class VhostVdpaServer:
             )
         if msg.perm not in iotlb.PERMS:
             raise PeerError(f"UPDATE with permission {msg.perm:#x}", errno=errno.EINVAL)
-        fd, offset = caller.map_file(msg.uaddr, msg.size)
+        try:
+            fd, offset = caller.map_file(msg.uaddr, msg.size)
+        except PeerError as exc:
+            self.stats.skipped += 1
+            log.info(
+                "%s: UPDATE %#x+%#x skipped, uaddr %#x is not a shared file mapping: %s",
+                self.name,
+                msg.iova,
+                msg.size,
+                msg.uaddr,
+                exc,
+            )
+            return
         try:
             region = Region.from_fd(
                 fd,
