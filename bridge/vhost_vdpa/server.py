@@ -208,15 +208,12 @@ class VhostVdpaServer:
         self.stats = VhostVdpaStats()
         self._lock = threading.RLock()
         self.nvqs = ops.get_vq_count()
-        self.ngroups = ops.get_group_num() if supports(ops, "get_group_num") else 1  # type: ignore[attr-defined]
-        self.nas = ops.get_as_num() if supports(ops, "get_as_num") else 1  # type: ignore[attr-defined]
+        self.ngroups = self._probe("get_group_num", 1)
+        self.nas = self._probe("get_as_num", 1)
         span = ops.get_iova_range()
         self.iova_first, self.iova_last = span.first, span.last
         if backend_features is None:
-            if supports(ops, "get_backend_features"):
-                backend_features = ops.get_backend_features()  # type: ignore[attr-defined]
-            else:
-                backend_features = 1 << a.VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK
+            backend_features = self._probe("get_backend_features", 1 << a.VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK)
         self.parent_backend_features = backend_features
         self.acked_backend_features = 0
         self.owned = False
@@ -234,6 +231,16 @@ class VhostVdpaServer:
         self._busyloop = [0] * self.nvqs
         self._config_call: int | None = None
         self._reset("open")
+
+    def _probe(self, name: str, default: int) -> int:
+        """An optional parent fact (vdpa core: 1 group, 1 address space); a parent that cannot say means the default."""
+        if not supports(self.ops, name):
+            return default
+        try:
+            return int(getattr(self.ops, name)())
+        except PeerError as exc:  # e.g. a vhost-user client whose back-end lacks the vDPA extension
+            log.info("%s: %s unavailable (%s), taking %d", self.name, name, exc, default)
+            return default
 
     # ===== NodeHandler =====
     def ioctl(self, request: int, arg: int, caller: Caller) -> int:

@@ -13,7 +13,13 @@ import struct
 import pytest
 
 from bridge.vhost_vdpa import abi as a
-from bridge.vhost_vdpa.server import VHOST_GET_VRING_BUSYLOOP_TIMEOUT, VHOST_SET_VRING_BUSYLOOP_TIMEOUT, IotlbRejected
+from bridge.vhost_vdpa.server import (
+    VHOST_GET_VRING_BUSYLOOP_TIMEOUT,
+    VHOST_SET_VRING_BUSYLOOP_TIMEOUT,
+    IotlbRejected,
+    VhostVdpaServer,
+)
+from vdpasim.errors import PeerError
 from vdpasim.testing.vhost_vdpa import (
     ACK_DRIVER,
     DATA_VQS,
@@ -154,8 +160,6 @@ def test_set_backend_features_refusals(env: VdpaEnv, features: int, expected: in
 def test_suspend_bits_need_the_operation() -> None:
     env = VdpaEnv()
     env.server.close()
-    from bridge.vhost_vdpa.server import VhostVdpaServer
-
     env.server = VhostVdpaServer(NoExtras(env.device), name="plain")
     env.vmm.server = env.server
     try:
@@ -557,8 +561,6 @@ def test_close_resets_and_releases_everything(env: VdpaEnv) -> None:
     assert all(r.fd is None for r in regions)
     assert not any(fd_is_open(fd) for fd in fds["kick"] + fds["call"] if fd is not None)
     assert errno_of(env.vmm.get, a.VHOST_VDPA_GET_STATUS, "<B") == errno.EBADF
-    from bridge.vhost_vdpa.server import VhostVdpaServer
-
     env.server = VhostVdpaServer(env.device, name="reopened")  # a second open of the same device
     env.vmm.server = env.server
     env.check_usable()
@@ -577,3 +579,69 @@ def test_ring_ioctls_use_all_data_queues(env: VdpaEnv) -> None:
     driver = env.qemu_start()
     assert set(driver.queues) == set(DATA_VQS)
     env.check_usable()
+
+
+class Grouped(NoExtras):
+    """A parent with two groups (the control queue alone in group 1) and two address spaces, as vdpa_sim_net."""
+
+    def __init__(self, device, *, broken: bool = False) -> None:
+        super().__init__(device)
+        self.broken = broken
+        self.asids: list[tuple[int, int]] = []
+
+    def get_group_num(self) -> int:
+        if self.broken:
+            raise PeerError("no extension", errno=errno.EOPNOTSUPP)
+        return 2
+
+    def get_as_num(self) -> int:
+        return 2
+
+    def get_vq_group(self, idx: int) -> int:
+        return {2: 1, 1: 7}.get(idx, 0)  # ring 1 claims a group the device does not have
+
+    def set_group_asid(self, group: int, asid: int) -> None:
+        self.asids.append((group, asid))
+
+    def get_vq_size(self, idx: int) -> int:
+        return 64 + idx
+
+
+def grouped_env(**kwargs) -> VdpaEnv:
+    env = VdpaEnv()
+    env.server.close()
+    env.server = VhostVdpaServer(Grouped(env.device, **kwargs), name="grouped")
+    env.vmm.server = env.server
+    return env
+
+
+def test_group_requests_reach_a_parent_that_has_them() -> None:
+    env = grouped_env()
+    try:
+        owned(env)
+        assert env.vmm.get(a.VHOST_VDPA_GET_GROUP_NUM, "<I") == 2 and env.vmm.get(a.VHOST_VDPA_GET_AS_NUM, "<I") == 2
+        assert env.vmm.vring(a.VHOST_VDPA_GET_VRING_GROUP, 2) == 1
+        assert errno_of(env.vmm.vring, a.VHOST_VDPA_GET_VRING_GROUP, 1) == errno.EIO  # group >= ngroups
+        env.vmm.vring(a.VHOST_VDPA_SET_GROUP_ASID, 1, 1)
+        assert env.server.ops.asids == [(1, 1)]
+        assert errno_of(env.vmm.vring, a.VHOST_VDPA_SET_GROUP_ASID, 1, 2) == errno.EINVAL
+        assert env.vmm.vring(a.VHOST_VDPA_GET_VRING_SIZE, 2) == 66
+        # Address space 1 exists now: with IOTLB_ASID its mappings are kept apart from the device's memory.
+        env.vmm.put(a.VHOST_SET_BACKEND_FEATURES, "<Q", V2_BATCH | 1 << a.VHOST_BACKEND_F_IOTLB_ASID)
+        env.vmm.iotlb(a.VHOST_IOTLB_UPDATE, GUEST_RAM, 4096, env.host, 3, asid=1)
+        assert env.server.mappings(1) == [(GUEST_RAM, 4096, env.host, 3)] and env.server.mappings(0) == []
+        env.vmm.iotlb(a.VHOST_IOTLB_BATCH_BEGIN, asid=1)
+        assert rejected(env, a.VHOST_IOTLB_UPDATE, GUEST_RAM, 4096, env.host, 3, asid=0) == (errno.EFAULT, errno.EINVAL)
+        env.vmm.iotlb(a.VHOST_IOTLB_BATCH_END, asid=1)
+        env.check_usable()
+    finally:
+        env.close()
+
+
+def test_a_parent_that_cannot_say_its_groups_gets_the_defaults() -> None:
+    env = grouped_env(broken=True)
+    try:
+        assert env.server.ngroups == 1 and env.server.nas == 2
+        env.check_usable()
+    finally:
+        env.close()
