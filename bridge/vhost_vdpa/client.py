@@ -334,6 +334,7 @@ class VhostVdpaClient:
         self.set_status(0)
 
     def _forget_rings(self) -> None:
+        self._driver_features = 0
         for ring in self._rings:
             ring.ready = False
             ring.sent = None
