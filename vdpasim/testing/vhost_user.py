@@ -340,7 +340,10 @@ class VhostUserRig:
 
                 node = f"/dev/vhost-vdpa-{index}"
                 self.nodes[node] = VhostVdpaNode(device.name, str(path))
-                return vhost_vdpa_net_args(index, node, packed=packed, event_idx=event_idx, queue_size=queue_size)
+                # mac=: QEMU writes its NIC's MAC into the device at start-up (its default, without one).
+                return vhost_vdpa_net_args(
+                    index, node, mac=mac, packed=packed, event_idx=event_idx, queue_size=queue_size
+                )
             return vhost_user_net_args(
                 index, path, mac=mac, queue_pairs=config.max_vqp, packed=packed, event_idx=event_idx,
                 queue_size=queue_size,
