@@ -102,18 +102,18 @@ def _control_figures(rig: Any) -> dict[str, float | int | None]:
     """Control-plane counts and time: vhost-user requests the device's server served, and on vhost-vdpa
     the ioctls and IOTLB writes of the bridge and the supervisor's traps."""
     figures: dict[str, float | int | None] = {
-        "vhost_user_requests": sum(b.server.requests for b in rig.backends),
-        "vhost_user_ms": round(sum(b.server.busy_seconds for b in rig.backends) * 1e3, 2),
+        "vhost-user messages": sum(b.server.requests for b in rig.backends),
+        "vhost-user messages ms": round(sum(b.server.busy_seconds for b in rig.backends) * 1e3, 2),
     }
     if rig.supervisor is not None:
         stats = [server.stats for node in rig.nodes.values() for server in node.servers]
-        figures.update(
-            ioctls=sum(s.ioctls for s in stats),
-            iotlb_writes=sum(s.writes for s in stats),
-            vhost_vdpa_ms=round(sum(s.seconds for s in stats) * 1e3, 2),
-            traps=rig.supervisor.calls,
-            trap_ms=round(rig.supervisor.busy_seconds * 1e3, 2),
-        )
+        figures.update({
+            "vhost-vdpa ioctls": sum(s.ioctls for s in stats),
+            "IOTLB writes": sum(s.writes for s in stats),
+            "ioctls + writes ms": round(sum(s.seconds for s in stats) * 1e3, 2),
+            "trapped syscalls": rig.supervisor.calls,
+            "trapped syscalls ms": round(rig.supervisor.busy_seconds * 1e3, 2),
+        })  # fmt: skip
     return figures
 
 
