@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bridge import reverse
+
 from . import bench, cli_dev, compare, demo
 from .guest import cli as guest_cli
 
@@ -19,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(commands)
     compare.add_parser(commands)
+    reverse.add_parser(commands)
     bench.add_parser(commands)
     guest_cli.add_parser(commands)
     cli_dev.add_parsers(commands)

@@ -5,12 +5,13 @@ bypass supervisor -- and turns every operation of vdpasim/ops.py into the ioctls
 make. So a vhost-user back-end (``VhostUserServer``) can be stacked on it: the reverse bridge, a vhost-user
 socket in front of a real vDPA device.
 
-At open it reads the backend features, acks IOTLB_MSG_V2, IOTLB_BATCH, SUSPEND, RESUME and
-ENABLE_AFTER_DRIVER_OK where offered, and becomes the owner (SET_OWNER). Then:
+At open it reads the backend features, acks IOTLB_MSG_V2, IOTLB_BATCH, SUSPEND, RESUME,
+ENABLE_AFTER_DRIVER_OK and IOTLB_PERSIST where offered, and becomes the owner (SET_OWNER). Then:
 
 * status, features, config, queue size/base/enable, device id, IOVA range: the matching ioctl, the
-  kernel's errno raised as ``DeviceRequestError``. A status of 0 resets. There is no vhost-vdpa request for
-  the vendor id or the config generation: both read 0.
+  kernel's errno raised as ``DeviceRequestError``. A status of 0 resets, and maps the memory table again
+  unless IOTLB_PERSIST was acked (the device dropped its map; a DeviceOps keeps memory). There is no
+  vhost-vdpa request for the vendor id or the config generation: both read 0.
 * kicks and calls are eventfds: an fd number given to ``set_vq_kick``/``set_vq_call`` is passed as is;
   ``set_vq_kick(idx, None)`` installs our own eventfd, which ``kick_vq`` writes; a callable call target gets
   our own eventfd and a notifier thread that calls it (the config callback likewise).
@@ -62,8 +63,10 @@ WANTED_BACKEND_FEATURES = sum(
         a.VHOST_BACKEND_F_SUSPEND,
         a.VHOST_BACKEND_F_RESUME,
         a.VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK,
+        a.VHOST_BACKEND_F_IOTLB_PERSIST,
     )
 )
+PERSIST = a.VHOST_BACKEND_F_IOTLB_PERSIST
 _U8, _U16, _U32, _I32, _U64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<i", "<Q"))
 
 
@@ -326,9 +329,14 @@ class VhostVdpaClient:
         return self._get(a.VHOST_VDPA_GET_STATUS, _U8)
 
     def set_status(self, status: int) -> None:
-        self._put(a.VHOST_VDPA_SET_STATUS, _U8, status)
-        if status == 0:
-            self._forget_rings()
+        with self._lock:
+            self._put(a.VHOST_VDPA_SET_STATUS, _U8, status)
+            if status == 0:
+                self._forget_rings()
+                if self._table is not None and self._ring_space is not None and not self._has(PERSIST):
+                    # The device dropped its map on reset (VDPA_RESET_F_CLEAN_MAP); a DeviceOps keeps memory
+                    # across a reset, as the device models do and vhost-user front-ends expect: map it again.
+                    self.set_map(self._table, self._ring_space)
 
     def reset(self) -> None:
         self.set_status(0)

@@ -28,13 +28,16 @@ the vCPU count and refuses a back-end with fewer queues).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +321,8 @@ class VhostUserRig:
     backends: list[_Backend] = field(default_factory=list, init=False)
     nodes: dict[str, VhostVdpaNode] = field(default_factory=dict, init=False)
     supervisor: Supervisor | None = field(default=None, init=False)
+    bridges: list[Supervisor] = field(default_factory=list, init=False)  # reverse bridges (blk over vhost-vdpa)
+    bridge_errors: list[str] = field(default_factory=list, init=False)
     socket_dir: Path | None = field(default=None, init=False)
     vm: GuestVM | None = field(default=None, init=False)
 
@@ -360,15 +365,54 @@ class VhostUserRig:
         event_idx: bool = True,
         queue_size: int | None = None,
     ) -> BlkDevice:
-        """Serve a blk device; the guest sees it as a vhost-user-blk-pci disk with all its queues."""
+        """Serve a blk device; the guest sees it as a vhost-user-blk-pci disk with all its queues.
+
+        Over "vhost-vdpa" (QEMU 7.2 has no vhost-vdpa block front-end), QEMU's vhost-user-blk connects to the
+        reverse bridge (``vdpasim bridge``), a process under the bypass supervisor whose vhost-vdpa client opens
+        the device's node: QEMU -> vhost-user -> bridge -> vhost-vdpa ioctls -> node -> vhost-user -> device.
+        """
         device = BlkDevice(config)
-        self._serve(
-            device,
-            lambda index, path: vhost_user_blk_args(
+
+        def qemu_args(index: int, path: Path) -> list[str]:
+            if self.transport == "vhost-vdpa":
+                path = self._reverse_bridge(index, device.name, path)
+            return vhost_user_blk_args(
                 index, path, num_queues=config.num_queues, packed=packed, event_idx=event_idx, queue_size=queue_size
-            ),
-        )
+            )
+
+        self._serve(device, qemu_args)
         return device
+
+    def _reverse_bridge(self, index: int, name: str, device_socket: Path) -> Path:
+        """Start ``vdpasim bridge`` under a supervisor serving /dev/vhost-vdpa-<index>; its socket's path."""
+        from bridge.bypass import VhostVdpaNode
+
+        assert self.socket_dir is not None
+        node = f"/dev/vhost-vdpa-{index}"
+        self.nodes[node] = VhostVdpaNode(name, str(device_socket))
+        path = self.socket_dir / f"{index}-bridge.sock"
+        argv = [sys.executable, "-m", "vdpasim", "bridge", "--vhost-vdpa", node, "--vhost-user", str(path)]
+        bridge = Supervisor(argv, {node: self.nodes[node]}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.bridges.append(bridge)
+        deadline = time.monotonic() + 60  # the bridge imports numpy and opens the node first
+        while not path.exists():
+            if bridge.process.poll() is not None or time.monotonic() > deadline:
+                stderr = bridge.process.communicate(timeout=5)[1] if bridge.process.poll() is not None else b""
+                raise VdpasimError(f"the reverse bridge did not start: {stderr.decode(errors='replace')}")
+            time.sleep(0.05)
+        return path
+
+    def _stop_bridges(self) -> None:
+        for bridge in self.bridges:
+            if bridge.process.poll() is None:
+                bridge.process.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    bridge.process.wait(10)
+            bridge.close()  # kills what is left, releases the node
+            if bridge.process.stderr is not None:
+                self.bridge_errors += bridge.process.stderr.read().decode(errors="replace").splitlines()
+                bridge.process.stderr.close()
+        self.bridges.clear()
 
     def _serve(self, device: SimDevice, make_args: Callable[[int, Path], list[str]]) -> None:
         if self.vm is not None:
@@ -384,7 +428,9 @@ class VhostUserRig:
         except BaseException:
             device.close()
             raise
-        self.backends.append(_Backend(device, server, make_args(index, path)))
+        backend = _Backend(device, server, [])
+        self.backends.append(backend)  # close() tears it down, whatever happens next
+        backend.args = make_args(index, path)
 
     # ----- the boot -----
     def qemu_args(self) -> list[str]:
@@ -419,6 +465,7 @@ class VhostUserRig:
                 boot = self.vm.wait()
             if self.supervisor is not None:
                 self.supervisor.close()  # releases the nodes QEMU held: their servers reset the devices
+            self._stop_bridges()
             for backend in self.backends:
                 backend.stop()
         finally:
@@ -429,7 +476,8 @@ class VhostUserRig:
             for b in self.backends
             if isinstance(b.device, NetDevice)
         }
-        return RigResult(boot=boot, backend_log=collector.lines, counters=counters, vstats=vstats)
+        backend_log = collector.lines + self.bridge_errors  # the bridge processes log warnings on stderr
+        return RigResult(boot=boot, backend_log=backend_log, counters=counters, vstats=vstats)
 
     def _launch(self, argv: list[str], **popen: object) -> subprocess.Popen:
         if self.transport == "vhost-user":
@@ -444,6 +492,7 @@ class VhostUserRig:
             self.vm.stop()
         if self.supervisor is not None:
             self.supervisor.close()
+        self._stop_bridges()
         first_error: BaseException | None = None
         for backend in self.backends:  # every one is torn down; the first failure is raised at the end
             for step in (backend.stop, backend.device.close):

@@ -172,3 +172,21 @@ def test_own_kick_eventfd(bench: Bench) -> None:
     bench.client.set_vq_kick(1, None)
     assert bench.server.fds()["kick"][1] is not None
     bench.client.kick_vq(1)  # writes our own eventfd: no error
+
+
+def test_a_reset_maps_memory_again_unless_the_map_persists(bench: Bench) -> None:
+    """The device drops its map on reset (no IOTLB_PERSIST); a DeviceOps keeps memory across one, so the
+    client sends the table again (a vhost-user front-end that stops and restarts a device sends no new one)."""
+    assert not bench.client.backend_features >> a.VHOST_BACKEND_F_IOTLB_PERSIST & 1
+    region = anonymous_region(1 << 16, guest_addr=0x10000)
+    try:
+        bench.share(region)
+        bench.client.set_map(RegionTable([region]))
+        commits = bench.server.stats.commits
+        bench.client.reset()
+        assert bench.server.stats.commits == commits + 1  # the table, sent again after the reset
+        assert [r.guest_addr for r in bench.device.memory.regions] == [0x10000]
+        assert bench.server.mappings() == [(0x10000, 1 << 16, region.host_addr, a.VHOST_ACCESS_RW)]
+    finally:
+        bench.client.set_map(RegionTable())
+        region.close()
