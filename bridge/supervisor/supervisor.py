@@ -192,6 +192,7 @@ class Supervisor:
         self.open_nodes: dict[tuple[int, int], NodeHandler] = {}  # (tgid, fd) -> handler
         self.calls = 0  # trapped calls answered, and the time spent answering them
         self.busy_seconds = 0.0
+        self._closed = False
         rules = [seccomp.Rule("openat"), seccomp.Rule("ioctl", ioctl_type=0xAF)]
         for i in range(MAX_NODES):
             rules += [seccomp.Rule(call, arg0=FIRST_NODE_FD + i) for call in ("write", "close")]
@@ -221,7 +222,12 @@ class Supervisor:
         self._thread.join(5)
         return code
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
+        self._closed = True
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
         self.process.wait()

@@ -404,6 +404,8 @@ class VhostUserRig:
 
     def _stop_bridges(self) -> None:
         for bridge in self.bridges:
+            if bridge.closed:
+                continue
             if bridge.process.poll() is None:
                 bridge.process.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -412,7 +414,6 @@ class VhostUserRig:
             if bridge.process.stderr is not None:
                 self.bridge_errors += bridge.process.stderr.read().decode(errors="replace").splitlines()
                 bridge.process.stderr.close()
-        self.bridges.clear()
 
     def _serve(self, device: SimDevice, make_args: Callable[[int, Path], list[str]]) -> None:
         if self.vm is not None:
