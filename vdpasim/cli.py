@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, cli_dev, demo
+from . import bench, cli_dev, demo, run
 from .guest import cli as guest_cli
 
 __all__ = ["main"]
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(commands)
     guest_cli.add_parser(commands)
     cli_dev.add_parsers(commands)
+    run.add_parser(commands)
     return parser
 
 

@@ -30,6 +30,7 @@ from typing import Protocol
 from vdpasim.errors import PeerError
 
 from . import seccomp
+from .netlink import NetlinkBypass
 
 __all__ = ["Supervisor", "NodeHandler", "TargetMemory", "FIRST_NODE_FD"]
 
@@ -102,15 +103,21 @@ class NodeFactory(Protocol):
 
 
 class Supervisor:
-    def __init__(self, argv: Sequence[str], nodes: Mapping[str, NodeFactory], **popen: object) -> None:
+    def __init__(
+        self, argv: Sequence[str], nodes: Mapping[str, NodeFactory], *, netlink: NetlinkBypass | None = None,
+        **popen: object
+    ) -> None:  # fmt: skip
         if len(nodes) > MAX_NODES:
             raise ValueError(f"at most {MAX_NODES} simulated nodes")
         self.nodes = dict(nodes)
+        self.netlink = netlink  # with it, NETLINK_GENERIC sockets are emulated (netlink.py)
         self.open_nodes: dict[tuple[int, int], NodeHandler] = {}  # (tgid, fd) -> handler
         self.calls = 0
         rules = [seccomp.Rule("openat"), seccomp.Rule("ioctl", ioctl_type=0xAF)]
         for i in range(MAX_NODES):
             rules += [seccomp.Rule(call, arg0=FIRST_NODE_FD + i) for call in ("write", "close")]
+        if netlink is not None:
+            rules += netlink.rules()
         program = seccomp.build_filter(rules)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._placeholder = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
@@ -144,6 +151,8 @@ class Supervisor:
         for handler in self.open_nodes.values():
             handler.close()
         self.open_nodes.clear()
+        if self.netlink is not None:
+            self.netlink.close()
         with contextlib.suppress(OSError):
             os.close(self.listener)
         with contextlib.suppress(OSError):
@@ -176,6 +185,9 @@ class Supervisor:
         name = {v: k for k, v in seccomp.SYSCALLS.items()}.get(n.nr)
         memory = TargetMemory(n.pid)
         try:
+            if self.netlink is not None and self.netlink.owns(name, n.args):
+                self.netlink.answer(self.listener, n, name, memory, self._tgid(n.pid))  # type: ignore[arg-type]
+                return
             if name == "openat":
                 self._openat(n, memory)
                 return
