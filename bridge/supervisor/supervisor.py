@@ -21,6 +21,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -160,7 +161,14 @@ class Supervisor:
 
     # ----- the loop -----
     def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
         while True:
+            events = dict(poller.poll())
+            if events.get(self.listener, 0) & (select.POLLHUP | select.POLLNVAL) and not events[self.listener] & (
+                select.POLLIN
+            ):
+                return  # no process is left under the filter (POLLHUP), or the listener was closed
             try:
                 notification = seccomp.receive(self.listener)
             except OSError as exc:
