@@ -245,12 +245,12 @@ class NetlinkSocket:
     # ----- options -----
     def setsockopt(self, level: int, name: int, optval: int, optlen: int, memory: Memory) -> int | _Sentinel:
         level, name, optlen = _s32(level), _s32(name), _s32(optlen)
+        if optlen < 0:
+            raise _fail(errno.EINVAL, "negative option length")  # net/socket.c __sys_setsockopt, checked first
         if level == SOL_SOCKET:
             return CONTINUE
         if level != SOL_NETLINK:
             raise _fail(errno.ENOPROTOOPT, f"setsockopt level {level}")
-        if optlen < 0:
-            raise _fail(errno.EINVAL, "negative option length")  # net/socket.c __sys_setsockopt
         val = struct.unpack("=I", _read(memory, optval, 4))[0] if optlen >= 4 else 0
         if name in (NETLINK_ADD_MEMBERSHIP, NETLINK_DROP_MEMBERSHIP):
             if not val or val - 1 >= GENL_GROUPS:

@@ -134,7 +134,7 @@ PROGRAM = textwrap.dedent(
     genl.setblocking(True)
     req = struct.pack("=IHHIIBBH", 32, 16, 5, 7, 0, 3, 1, 0) + struct.pack("=HH", 9, 2) + b"vdpa\\0\\0\\0\\0"
     genl.send(req)
-    data, flags, *_ = genl.recvmsg(8, 0, socket.MSG_TRUNC)
+    data, _, flags, _ = genl.recvmsg(8, 0, socket.MSG_TRUNC)
     print("trunc", len(data), bool(flags & socket.MSG_TRUNC), flush=True)
     genl.send(req)
     n = len(genl.recv(65536, socket.MSG_PEEK | socket.MSG_TRUNC))
