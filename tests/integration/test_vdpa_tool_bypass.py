@@ -179,3 +179,48 @@ def test_exit_status_and_signals_are_forwarded() -> None:
         assert runtime.daemon_pid() is None  # no netlink request: no daemon started
     finally:
         shutil.rmtree(runtime.path.parent, ignore_errors=True)
+
+
+THREADS_AND_EXEC = textwrap.dedent(
+    """
+    import os, socket, struct, sys, threading, time
+    REQ = struct.pack("=IHHIIBBH", 32, 16, 5, 11, 0, 3, 1, 0) + struct.pack("=HH", 9, 2) + b"vdpa\\0\\0\\0\\0"
+    if len(sys.argv) > 1:  # after exec: the inherited socket still works, the close-on-exec slot is free again
+        kept = socket.socket(fileno=int(sys.argv[1]))
+        kept.send(REQ)
+        print("inherited", struct.unpack_from("=I", kept.recv(4096), 8)[0], flush=True)
+        fresh = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16)
+        print("fresh fd", fresh.fileno(), flush=True)
+        sys.exit(0)
+    nb = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, 16)
+    try:
+        nb.recv(100)
+    except BlockingIOError:
+        print("SOCK_NONBLOCK EAGAIN", nb.fileno(), flush=True)
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16)
+    got = []
+    t = threading.Thread(target=lambda: got.append(s.recv(4096)))
+    t.start()
+    time.sleep(0.5)
+    print("still waiting", t.is_alive(), flush=True)
+    s.send(REQ)
+    t.join(30)
+    print("woken", struct.unpack_from("=I", got[0], 8)[0], flush=True)
+    os.set_inheritable(s.fileno(), True)
+    os.execv(sys.executable, [sys.executable, "-c", PROG, str(s.fileno())])
+    """
+)
+
+
+def test_blocking_receive_waits_for_a_reply_and_sockets_survive_exec(daemon: DaemonProcess) -> None:
+    program = THREADS_AND_EXEC.replace("PROG", repr(THREADS_AND_EXEC))
+    result = run_cli(daemon.runtime, "run", "--", sys.executable, "-c", program, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "SOCK_NONBLOCK EAGAIN 940",
+        "still waiting True",
+        "woken 11",
+        "inherited 11",
+        "fresh fd 940",
+    ]
+    assert "the call waits" in result.stderr  # the pending receive is logged
