@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, cli_dev, demo, run
+from . import bench, cli_dev, compare, demo, run
 from .guest import cli as guest_cli
 
 __all__ = ["main"]
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-x", "--extensions", action="store_true", help="vdpasim's extension fields (dev show)")
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(commands)
+    compare.add_parser(commands)
     bench.add_parser(commands)
     guest_cli.add_parser(commands)
     cli_dev.add_parsers(commands)

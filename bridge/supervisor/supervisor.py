@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -25,6 +26,7 @@ import select
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -43,10 +45,53 @@ _PATH_MAX = 4096
 
 
 class TargetMemory:
-    """The calling thread's address space, through /proc/TID/mem; faults become EFAULT."""
+    """The calling thread's address space (through /proc/TID/mem; faults become EFAULT) and its process's fds
+    and file mappings: what a char-device server needs from its caller (bridge/vhost_vdpa/server.py ``Caller``)."""
 
-    def __init__(self, tid: int) -> None:
+    def __init__(self, tid: int, tgid: int | None = None) -> None:
         self.tid = tid
+        self.tgid = tid if tgid is None else tgid
+
+    def take_fd(self, number: int) -> int:
+        """A duplicate, in this process, of the caller's fd ``number`` (pidfd_getfd: as the kernel's
+        eventfd_ctx_fdget takes a reference to the caller's file)."""
+        try:
+            pidfd = os.pidfd_open(self.tgid)
+        except OSError as exc:
+            raise PeerError(f"process {self.tgid} is gone", errno=errno.ESRCH) from exc
+        try:
+            return _pidfd_getfd(pidfd, number)
+        except OSError as exc:
+            raise PeerError(f"fd {number} of process {self.tgid}: {exc.strerror}", errno=errno.EBADF) from exc
+        finally:
+            os.close(pidfd)
+
+    def map_file(self, addr: int, length: int) -> tuple[int, int]:
+        """(fd, file offset) of the shared file mapping holding [addr, addr+length) whole in the caller.
+
+        How a VMM address in an IOTLB update becomes memory we can map too: guest RAM must be a shared
+        file mapping (QEMU ``memory-backend-memfd,share=on`` or ``memory-backend-file,share=on``); private
+        or anonymous memory is refused with EFAULT and says so. The fd comes from /proc/TGID/map_files.
+        """
+        mapping = _find_mapping(self.tgid, addr, length)
+        if mapping is None:
+            raise PeerError(
+                f"{addr:#x}+{length:#x} is not inside one mapping of process {self.tgid}", errno=errno.EFAULT
+            )
+        start, end, perms, offset, path = mapping
+        if perms[3] != "s" or not path.startswith("/"):
+            raise PeerError(
+                f"{addr:#x}+{length:#x} in process {self.tgid} is private memory ({perms} {path or 'anonymous'}): "
+                "guest RAM must be a shared file mapping (memory-backend-memfd,share=on)",
+                errno=errno.EFAULT,
+            )
+        mode = os.O_RDWR if perms[1] == "w" else os.O_RDONLY
+        try:
+            fd = os.open(f"/proc/{self.tgid}/map_files/{start:x}-{end:x}", mode | os.O_CLOEXEC)
+        except OSError as exc:
+            reason = f"cannot open the file behind {addr:#x} ({path}): {exc.strerror}"
+            raise PeerError(reason, errno=errno.EFAULT) from exc
+        return fd, offset + addr - start
 
     def read(self, addr: int, length: int) -> bytes:
         try:
@@ -86,6 +131,38 @@ class TargetMemory:
         raise PeerError(f"string at {addr:#x} longer than {limit} bytes", errno=errno.ENAMETOOLONG)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_PIDFD_GETFD = 438
+
+
+def _pidfd_getfd(pidfd: int, number: int) -> int:
+    fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, number, 0)
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def _find_mapping(tgid: int, addr: int, length: int) -> tuple[int, int, str, int, str] | None:
+    """(start, end, perms, file offset, path) of the mapping in /proc/TGID/maps holding [addr, addr+length)."""
+    if length <= 0 or addr < 0:
+        return None
+    try:
+        with open(f"/proc/{tgid}/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if start <= addr < end:
+                    if addr + length > end:
+                        return None
+                    path = fields[5].strip() if len(fields) > 5 else ""
+                    return start, end, fields[1], int(fields[2], 16), path
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class NodeHandler(Protocol):
     """One opened simulated char device, as the program sees its fd."""
 
@@ -103,17 +180,23 @@ class NodeFactory(Protocol):
         """A new handler; raise PeerError (e.g. EBUSY for a second open) to fail the open."""
 
 
+class NodeDirectory(Protocol):
+    """Which paths are simulated nodes: looked up at each open, so nodes may come and go while the program runs."""
+
+    def get(self, path: str) -> NodeFactory | None: ...
+
+
 class Supervisor:
     def __init__(
-        self, argv: Sequence[str], nodes: Mapping[str, NodeFactory], *, netlink: NetlinkBypass | None = None,
-        **popen: object
+        self, argv: Sequence[str], nodes: NodeDirectory | Mapping[str, NodeFactory], *,
+        netlink: NetlinkBypass | None = None, **popen: object
     ) -> None:  # fmt: skip
-        if len(nodes) > MAX_NODES:
-            raise ValueError(f"at most {MAX_NODES} simulated nodes")
-        self.nodes = dict(nodes)
+        self.nodes = nodes
         self.netlink = netlink  # with it, NETLINK_GENERIC sockets are emulated (netlink.py)
+        self._slots: dict[str, int] = {}  # node path -> its fixed fd number's offset from FIRST_NODE_FD
         self.open_nodes: dict[tuple[int, int], NodeHandler] = {}  # (tgid, fd) -> handler
-        self.calls = 0
+        self.calls = 0  # trapped calls answered, and the time spent answering them
+        self.busy_seconds = 0.0
         rules = [seccomp.Rule("openat"), seccomp.Rule("ioctl", ioctl_type=0xAF)]
         for i in range(MAX_NODES):
             rules += [seccomp.Rule(call, arg0=FIRST_NODE_FD + i) for call in ("write", "close")]
@@ -128,7 +211,8 @@ class Supervisor:
             theirs.sendmsg([b"L"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [listener]).tobytes())])
             os.close(listener)
 
-        self.process = subprocess.Popen(list(argv), preexec_fn=confine, pass_fds=(theirs.fileno(),), **popen)  # type: ignore[call-overload]
+        pass_fds = (*popen.pop("pass_fds", ()), theirs.fileno())  # type: ignore[misc]
+        self.process = subprocess.Popen(list(argv), preexec_fn=confine, pass_fds=pass_fds, **popen)  # type: ignore[call-overload]
         theirs.close()
         _, ancillary, _, _ = ours.recvmsg(1, socket.CMSG_SPACE(4))
         ours.close()
@@ -161,29 +245,52 @@ class Supervisor:
 
     # ----- the loop -----
     def _loop(self) -> None:
-        poller = select.poll()
-        poller.register(self.listener, select.POLLIN)
+        """Answer trapped calls; release the nodes a process held when it dies (it closes no fd then)."""
+        self._poller = select.poll()
+        self._poller.register(self.listener, select.POLLIN)
+        self._pidfds: dict[int, int] = {}  # pidfd -> tgid, for every process holding a node open
         while True:
-            events = dict(poller.poll())
-            if events.get(self.listener, 0) & (select.POLLHUP | select.POLLNVAL) and not events[self.listener] & (
-                select.POLLIN
-            ):
-                return  # no process is left under the filter (POLLHUP), or the listener was closed
-            try:
-                notification = seccomp.receive(self.listener)
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.EINTR):
-                    continue  # the caller went away before we read it
-                return  # the listener is gone: every process of the tree exited
-            self.calls += 1
-            try:
-                self._answer(notification)
-            except Exception:  # a bug here must not leave the target blocked forever
-                log.exception("answering %s", notification)
-                seccomp.respond(self.listener, notification.id, error=errno.EIO)
+            for fd, events in self._poller.poll():
+                if fd != self.listener:
+                    self._release(self._pidfds.pop(fd))
+                    self._poller.unregister(fd)
+                    os.close(fd)
+                elif events & select.POLLIN:
+                    self._receive()
+                elif events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    for tgid in {tgid for tgid, _ in self.open_nodes}:
+                        self._release(tgid)  # every process of the tree exited (or we were closed)
+                    return
+
+    def _receive(self) -> None:
+        try:
+            notification = seccomp.receive(self.listener)
+        except OSError:
+            return  # the caller went away before we read it (ENOENT), or the listener is closing
+        self.calls += 1
+        started = time.perf_counter()
+        try:
+            self._answer(notification)
+        except Exception:  # a bug here must not leave the target blocked forever
+            log.exception("answering %s", notification)
+            seccomp.respond(self.listener, notification.id, error=errno.EIO)
+        self.busy_seconds += time.perf_counter() - started
+
+    def _watch(self, tgid: int) -> None:
+        if tgid in self._pidfds.values():
+            return
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(tgid)
+            self._pidfds[pidfd] = tgid
+            self._poller.register(pidfd, select.POLLIN)
+
+    def _release(self, tgid: int) -> None:
+        for key in [key for key in self.open_nodes if key[0] == tgid]:
+            log.info("process %d exited holding fd %d: releasing it", tgid, key[1])
+            self.open_nodes.pop(key).close()
 
     def _tgid(self, tid: int) -> int:
-        with open(f"/proc/{tid}/status") as status:
+        with contextlib.suppress(OSError), open(f"/proc/{tid}/status") as status:
             for line in status:
                 if line.startswith("Tgid:"):
                     return int(line.split()[1])
@@ -191,15 +298,16 @@ class Supervisor:
 
     def _answer(self, n: seccomp.Notification) -> None:
         name = {v: k for k, v in seccomp.SYSCALLS.items()}.get(n.nr)
-        memory = TargetMemory(n.pid)
         try:
             if self.netlink is not None and self.netlink.owns(name, n.args):
-                self.netlink.answer(self.listener, n, name, memory, self._tgid(n.pid))  # type: ignore[arg-type]
+                tgid = self._tgid(n.pid)
+                self.netlink.answer(self.listener, n, name, TargetMemory(n.pid, tgid), tgid)  # type: ignore[arg-type]
                 return
             if name == "openat":
-                self._openat(n, memory)
+                self._openat(n, TargetMemory(n.pid))
                 return
             tgid = self._tgid(n.pid)
+            memory = TargetMemory(n.pid, tgid)
             handler = self.open_nodes.get((tgid, n.args[0] & 0xFFFFFFFF))
             if handler is None:
                 seccomp.respond_continue(self.listener, n.id)
@@ -228,10 +336,15 @@ class Supervisor:
             seccomp.respond_continue(self.listener, n.id)
             return
         tgid = self._tgid(n.pid)
-        number = FIRST_NODE_FD + list(self.nodes).index(path)
+        if path not in self._slots:
+            if len(self._slots) == MAX_NODES:
+                raise PeerError(f"{path}: more than {MAX_NODES} simulated nodes opened", errno=errno.ENFILE)
+            self._slots[path] = len(self._slots)
+        number = FIRST_NODE_FD + self._slots[path]
         if (tgid, number) in self.open_nodes:
             raise PeerError(f"{path} is already open", errno=errno.EBUSY)  # exclusive, as vhost-vdpa
         handler = factory.open(n.args[2])
         self.open_nodes[(tgid, number)] = handler
+        self._watch(tgid)
         seccomp.add_fd(self.listener, n.id, self._placeholder, target_fd=number, send=True)
         log.info("%s opened by %d as fd %d", path, tgid, number)

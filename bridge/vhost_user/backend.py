@@ -436,10 +436,21 @@ class BackendSession:
         if status == 0:
             self._reset(message)
             return
+        if status & VIRTIO_CONFIG_S_DRIVER_OK:
+            self._warn_if_no_memory("DRIVER_OK")
         for step in reversed(_STATUS_STEPS):
             if status & step:
                 self._raise_status(step)
                 break
+
+    def _warn_if_no_memory(self, what: str) -> None:
+        if not self.regions:
+            # QEMU silently leaves out RAM it cannot pass as an fd: the rings can never be translated.
+            self.log.warning(
+                "%s with no guest memory mapped: is the front-end's RAM shared "
+                "(-object memory-backend-memfd,share=on)?",
+                what,
+            )
 
     def _reset(self, message: Message) -> None:
         for index, ring in enumerate(self.rings):
@@ -599,15 +610,10 @@ class BackendSession:
         if old is not None:
             close_fds([old])
         ring.started = True  # a kick fd starts the ring
-        if not self.regions:
-            # QEMU silently leaves out RAM it cannot pass as an fd: the ring can never be translated.
-            self.log.warning(
-                "ring %d started with no guest memory mapped: is the front-end's RAM shared "
-                "(-object memory-backend-memfd,share=on)?",
-                index,
-            )
-        if not self.device.get_status() & VIRTIO_CONFIG_S_DRIVER_OK and not self._negotiated(P.STATUS):
-            self._raise_status(VIRTIO_CONFIG_S_DRIVER_OK)
+        if not self._negotiated(P.STATUS):  # else DRIVER_OK starts the device (memory may come until then)
+            self._warn_if_no_memory(f"ring {index} started")
+            if not self.device.get_status() & VIRTIO_CONFIG_S_DRIVER_OK:
+                self._raise_status(VIRTIO_CONFIG_S_DRIVER_OK)
         self._update_ready(index)
         self._flush_config_change()  # the device may have been suspended
 

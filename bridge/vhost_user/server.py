@@ -22,6 +22,7 @@ import os
 import queue
 import socket
 import threading
+import time
 
 from vdpasim.errors import CodecError, PeerError, TransportError
 from vdpasim.ops import DeviceOps
@@ -111,6 +112,8 @@ class VhostUserServer:
         self.name = name or os.path.basename(path)
         self.log = logging.getLogger(f"vdpasim.vhost_user.server.{self.name}")
         self.connections = 0
+        self.requests = 0  # front-end messages served over every connection, and the time spent serving them
+        self.busy_seconds = 0.0
         self.session: BackendSession | None = None
         self._listener: socket.socket | None = None
         self._connection: socket.socket | None = None
@@ -178,6 +181,7 @@ class VhostUserServer:
         self.log.info("front-end connected")
         try:
             while (message := stream.receive()) is not None:
+                started = time.perf_counter()
                 try:
                     reply = session.handle(message)
                 except PeerError as exc:
@@ -189,6 +193,9 @@ class VhostUserServer:
                         break
                     self.log.warning("%s: %s", message.request.name, exc)
                     continue
+                finally:
+                    self.requests += 1
+                    self.busy_seconds += time.perf_counter() - started
                 if reply is not None:
                     try:
                         stream.send(reply)

@@ -15,8 +15,7 @@ import pytest
 
 from vdpasim.config import NetConfig
 from vdpasim.guest import GuestImage, build_guest
-from vdpasim.guest.workloads import fnv1a64, loopback_frame, loopback_kind
-from vdpasim.testing.vhost_user import RigResult, VhostUserRig
+from vdpasim.testing.vhost_user import VhostUserRig, assert_counters_agree, assert_loopback
 from vdpasim.virtio import constants as c
 
 MAC = "52:54:00:5e:00:01"  # QEMU's NIC and the device's receive filter must agree (docs/vhost-user.md)
@@ -34,15 +33,6 @@ def _has(features: str, bit: int) -> bool:
     return features[bit] == "1"
 
 
-def _assert_counters_agree(run: RigResult, name: str, guest: dict[str, int]) -> None:
-    """The device's vstats, summed over its queues, are the guest interface's counters."""
-    device = run.net_totals(name)
-    assert (device["tx packets"], device["tx bytes"]) == (guest["tx_packets"], guest["tx_bytes"])
-    assert (device["rx packets"], device["rx bytes"]) == (guest["rx_packets"], guest["rx_bytes"])
-    assert device["tx errors"] == device["rx errors"] == device["rx overruns"] == 0
-    assert guest["tx_errors"] == guest["rx_errors"] == guest["rx_dropped"] == guest["tx_dropped"] == 0
-
-
 def test_guest_pings_the_responder(image: GuestImage, tmp_path: Path) -> None:
     count = 20
     with VhostUserRig(image, tmp_path) as rig:
@@ -57,7 +47,7 @@ def test_guest_pings_the_responder(image: GuestImage, tmp_path: Path) -> None:
     assert netstats["rx_queues"] == netstats["tx_queues"] == 1
     stats = netstats["stats"]
     assert stats["tx_packets"] >= count + 1  # the echo requests and at least one ARP request
-    _assert_counters_agree(run, "vu-ping", stats)
+    assert_counters_agree(run, "vu-ping", stats)
     assert run.vstats["vu-ping"][0]["rx drops"] == 0  # every frame from the peer was for the guest
     assert run.vhost_lines == [] and run.backend_log == []
 
@@ -87,8 +77,8 @@ def test_loopback_returns_exactly_the_frames_the_filter_passes(
     assert _has(features, c.VIRTIO_F_RING_PACKED) is packed
     assert _has(features, c.VIRTIO_RING_F_EVENT_IDX) is event_idx
     loop = run.result("net-loopback")
-    _assert_loopback(loop, count, seed)
-    _assert_counters_agree(run, "vu-loop", netstats["stats"])
+    assert_loopback(loop, MAC, count, seed)
+    assert_counters_agree(run, "vu-loop", netstats["stats"])
     vstats = run.vstats["vu-loop"]
     assert vstats[0]["rx drops"] == count // 3  # the device's filter dropped the foreign-MAC frames
     assert run.vhost_lines == [] and run.backend_log == []
@@ -112,39 +102,10 @@ def test_two_queue_pairs_chosen_through_the_control_queue(image: GuestImage, tmp
     netstats = run.result("netstats")
     assert netstats["rx_queues"] == netstats["tx_queues"] == 2
     assert _has(netstats["features"], c.VIRTIO_NET_F_MQ) and _has(netstats["features"], c.VIRTIO_NET_F_CTRL_VQ)
-    _assert_loopback(run.result("net-loopback"), count, seed)
-    _assert_counters_agree(run, "vu-mq", netstats["stats"])
+    assert_loopback(run.result("net-loopback"), MAC, count, seed)
+    assert_counters_agree(run, "vu-mq", netstats["stats"])
     vstats = run.vstats["vu-mq"]
     assert vstats[3]["tx packets"] == count and vstats[1]["tx packets"] == 0
     assert vstats[2]["rx packets"] == count - count // 3 and vstats[0]["rx packets"] == 0
     assert vstats[4]["cvq requests"] == 0  # the device's own control queue stays unused (QEMU runs it)
     assert run.vhost_lines == [] and run.backend_log == []
-
-
-def _assert_loopback(loop: dict, count: int, seed: int) -> None:
-    """Own-MAC and broadcast frames came back once each, byte for byte; foreign-MAC frames never did."""
-    mac = bytes.fromhex(MAC.replace(":", ""))
-    frames = [loopback_frame(mac, seed, seq) for seq in range(count)]
-    passed = [seq for seq in range(count) if loopback_kind(seq) != "foreign"]
-    assert loop["mac"] == MAC
-    assert (loop["sent"], loop["send_errors"], loop["received"]) == (count, 0, len(passed))
-    assert (loop["duplicates"], loop["corrupt"], loop["other_frames"], loop["corrupt_seqs"]) == (0, 0, 0, [])
-    assert loop["missing"] == [seq for seq in range(count) if seq not in passed]
-    third = count // 3
-    assert loop["kinds"] == {
-        "own": {"sent": third, "back": third},
-        "broadcast": {"sent": third, "back": third},
-        "foreign": {"sent": third, "back": 0},
-    }
-    assert loop["pkttype"] == {"host": third, "broadcast": third, "multicast": 0, "otherhost": 0}
-    # The guest compared every frame it got with the one it sent (memcmp) and hashed both streams;
-    # the host rebuilds the frames and checks the guest's per-frame and stream digests against them.
-    assert loop["frames"] == [
-        [seq, len(frame), f"{fnv1a64(frame):016x}", int(seq in passed)] for seq, frame in enumerate(frames)
-    ]
-    sent = back = 0xCBF29CE484222325
-    for seq, frame in enumerate(frames):
-        sent = fnv1a64(frame, sent)
-        if seq in passed:
-            back = fnv1a64(frame, back)
-    assert (loop["digest_sent"], loop["digest_back"]) == (f"{sent:016x}", f"{back:016x}")

@@ -104,3 +104,72 @@ def test_an_unmodified_program_talks_to_a_simulated_node() -> None:
     ]
     assert node.written == [b"x" * 72]
     assert ToyNode.opened == 2 and ToyNode.closed == 2  # the reopen, then close() at the end
+
+
+def test_target_fds_and_shared_file_mappings_are_reachable() -> None:
+    """take_fd and map_file, what a vhost-vdpa server needs of its caller, on this very process."""
+    import ctypes
+    import mmap
+    import os
+
+    memory = TargetMemory(os.getpid())
+    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, 1 << 20)
+    shared = mmap.mmap(ram, 1 << 20, flags=mmap.MAP_SHARED)
+    private = mmap.mmap(-1, 8192, flags=mmap.MAP_PRIVATE)
+    events = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(shared))
+        shared[8192:8196] = b"ring"
+        fd, offset = memory.map_file(base + 8192, 4096)
+        try:
+            assert offset == 8192 and os.pread(fd, 4, offset) == b"ring"
+        finally:
+            os.close(fd)
+        for addr, length in ((base, 2 << 20), (ctypes.addressof(ctypes.c_char.from_buffer(private)), 16), (8, 8)):
+            try:
+                memory.map_file(addr, length)
+                raise AssertionError("mapped")
+            except PeerError as exc:
+                assert exc.errno == errno.EFAULT
+        copy = memory.take_fd(events)
+        os.eventfd_write(copy, 5)
+        os.close(copy)
+        assert os.eventfd_read(events) == 5
+        try:
+            memory.take_fd(1000)
+            raise AssertionError("took a closed fd")
+        except PeerError as exc:
+            assert exc.errno == errno.EBADF
+    finally:
+        os.close(events)
+        shared.close()
+        private.close()
+        os.close(ram)
+
+
+def test_a_node_held_by_a_dying_process_is_released() -> None:
+    """A process that exits (or is killed) closes no fd by syscall: the supervisor still releases its node,
+    while a sibling in the same tree keeps running."""
+    node = ToyNode()
+    before = ToyNode.closed
+    program = textwrap.dedent(
+        """
+        import os, subprocess, sys, time
+        opener = "import os; os.open('/dev/vhost-vdpa-0', os.O_RDWR); os._exit(3)"
+        child = subprocess.Popen([sys.executable, "-c", opener])
+        print("child", child.wait(), flush=True)
+        time.sleep(0.5)
+        fd = os.open("/dev/vhost-vdpa-0", os.O_RDWR)  # free again: not EBUSY
+        print("reopened", fd, flush=True)
+        """
+    )
+    supervisor = Supervisor([sys.executable, "-c", program], {"/dev/vhost-vdpa-0": node}, stdout=-1, stderr=-1)
+    try:
+        out, err = supervisor.process.communicate(timeout=60)
+        assert supervisor.process.returncode == 0, err.decode()
+        assert out.decode().splitlines() == ["child 3", f"reopened {FIRST_NODE_FD}"]
+        supervisor.wait(10)
+        assert ToyNode.closed - before == 2  # the dead child's open, then the parent's at its exit
+    finally:
+        supervisor.close()

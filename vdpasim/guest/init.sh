@@ -263,6 +263,14 @@ wl_script() {
 	sh "/host$_script"
 }
 
+# pause: report, then sleep vdpasim.pause_ms (default 2000) while the host acts on the VM (QMP stop and
+# cont, system_reset): the workloads around it show the device still works afterwards.
+wl_pause() {
+	_ms=$(wparam ms 2000)
+	result "{\"type\":\"pause\",\"ms\":$_ms}"
+	usleep $((_ms * 1000))
+}
+
 # --- main -----------------------------------------------------------------------------------------
 load_modules
 mount_hostroot
@@ -280,6 +288,7 @@ for CURRENT in $(param workload selftest | tr , ' '); do
 	net-loopback) wl_net_loopback ;;
 	blk) wl_blk ;;
 	script) wl_script ;;
+	pause) wl_pause ;;
 	*)
 		error "unknown workload"
 		false

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -191,9 +192,14 @@ class GuestVM:
     cpu: str = "max"
     accel: str = "tcg"  # "tcg,thread=single": one host thread runs every vCPU (see docs/vhost-user.md)
     shared_memory: bool = False
+    # False lets a reset reboot the guest (QMP system_reset); a guest panic then reboots too, until the timeout.
+    no_reboot: bool = True
+    qmp_path: Path | None = None  # a QMP socket (QEMU listens), for ``qmp()``
     host_root: bool = False
     pass_fds: Sequence[int] = ()
     qemu: str = QEMU
+    # Starts QEMU: subprocess.Popen, or a wrapper that runs it under the bypass supervisor (vhost-vdpa).
+    launcher: Callable[..., subprocess.Popen] = subprocess.Popen
     proc: subprocess.Popen | None = field(default=None, init=False)
     _started: float = field(default=0.0, init=False)
 
@@ -219,7 +225,6 @@ class GuestVM:
             "none",
             "-monitor",
             "none",
-            "-no-reboot",
             "-chardev",
             f"file,id=console,path={self.log_path}",
             "-serial",
@@ -231,6 +236,10 @@ class GuestVM:
             "-append",
             kernel_cmdline(self.workload, params),
         ]
+        if self.no_reboot:
+            cmd.append("-no-reboot")
+        if self.qmp_path is not None:
+            cmd += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if self.shared_memory:
             cmd += [
                 "-object",
@@ -258,7 +267,7 @@ class GuestVM:
         self.log_path.write_bytes(b"")
         qemu_log = open(self._qemu_log_path(), "wb")  # noqa: SIM115 - handed to the child, closed below
         try:
-            self.proc = subprocess.Popen(
+            self.proc = self.launcher(
                 self.command(),
                 stdin=subprocess.DEVNULL,
                 stdout=qemu_log,
@@ -282,14 +291,33 @@ class GuestVM:
             return ""
         return self.log_path.read_bytes().decode(errors="replace")
 
-    def wait_for(self, text: str, timeout: float | None = None) -> bool:
-        """Wait until ``text`` appears on the console (True), or QEMU exits or the timeout passes (False)."""
+    def qmp(self, command: str, **arguments: object) -> object:
+        """Run one QMP command (a new connection each time: QEMU serves one at a time); its ``return``."""
+        if self.qmp_path is None:
+            raise UsageError("the guest was started without a QMP socket (qmp_path)")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(str(self.qmp_path))
+            stream = sock.makefile("rwb")
+            json.loads(stream.readline())  # the greeting
+            for request in ({"execute": "qmp_capabilities"}, {"execute": command, "arguments": arguments}):
+                stream.write(json.dumps(request).encode() + b"\n")
+                stream.flush()
+                while "event" in (reply := json.loads(stream.readline())):
+                    pass  # events (STOP, RESUME, RESET...) may come before the answer
+                if "error" in reply:
+                    raise VdpasimError(f"QMP {request['execute']}: {reply['error'].get('desc')}")
+            return reply.get("return")
+
+    def wait_for(self, text: str, timeout: float | None = None, *, count: int = 1) -> bool:
+        """Wait until ``text`` appears ``count`` times on the console (True), or QEMU exits or the timeout
+        passes (False)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while time.monotonic() < deadline:
-            if text in self.console():
+            if self.console().count(text) >= count:
                 return True
             if self.proc is None or self.proc.poll() is not None:
-                return text in self.console()
+                return self.console().count(text) >= count
             time.sleep(0.05)
         return False
 

@@ -33,12 +33,15 @@ import os
 import select
 import shutil
 import struct
+import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
+from bridge.supervisor.supervisor import Supervisor
 from bridge.vhost_user.server import VhostUserServer  # a test kit joins both halves; the core never does
 
 from ..config import BlkConfig, NetConfig, format_mac
@@ -48,10 +51,14 @@ from ..devices.net import NetDevice
 from ..errors import UsageError, VdpasimError
 from ..guest.build import GuestImage
 from ..guest.qemu import BootResult, GuestRunError, GuestVM
+from ..guest.workloads import fnv1a64, loopback_frame, loopback_kind
 from ..ops import supports
 from ..virtio import constants as c
 from .driver import DriverQueue, GuestMemory
 from .net import NetHarness, ethernet
+
+if TYPE_CHECKING:
+    from bridge.bypass import VhostVdpaNode
 
 __all__ = [
     "DEFAULT_MEMORY_MB",
@@ -61,6 +68,8 @@ __all__ = [
     "vhost_user_blk_args",
     "vhost_user_net_args",
     "warm_up",
+    "assert_counters_agree",
+    "assert_loopback",
 ]
 
 DEFAULT_MEMORY_MB = 512  # enough for the guest's workloads; less RAM for the back-end to map
@@ -95,6 +104,26 @@ def vhost_user_net_args(
         "-device",
         ",".join(device),
     ]
+
+
+def vhost_vdpa_net_args(
+    index: int,
+    node: str,
+    *,
+    mac: str | None = None,
+    packed: bool = False,
+    event_idx: bool = True,
+    queue_size: int | None = None,
+) -> list[str]:
+    """QEMU arguments for a virtio-net-pci NIC on the vhost-vdpa device ``node`` (/dev/vhost-vdpa-N): what one
+    writes on a kernel with real vDPA. QEMU reads the device's MAC (``mac=`` would write it into the device)."""
+    device = [f"virtio-net-pci,id=nic{index},netdev=net{index}", "romfile=", "vectors=0"]
+    if mac is not None:
+        device.append(f"mac={mac}")
+    device += _ring_options(packed, event_idx)
+    if queue_size is not None:
+        device += [f"rx_queue_size={queue_size}", f"tx_queue_size={queue_size}"]
+    return ["-netdev", f"vhost-vdpa,id=net{index},vhostdev={node}", "-device", ",".join(device)]
 
 
 def vhost_user_blk_args(
@@ -283,7 +312,12 @@ class VhostUserRig:
     # with "Oops: int3" at a static-key site it had just patched on its other vCPU: QEMU 7.2 ran stale
     # translated code. Single-threaded TCG invalidates it for every vCPU at once; it costs ~30 % per boot.
     accel: str = "tcg,thread=single"
+    # "vhost-user": QEMU connects to the sockets; "vhost-vdpa": QEMU runs under the bypass supervisor and opens
+    # /dev/vhost-vdpa-N, each a vhost-vdpa server bridged to the device's socket (bridge/bypass.py).
+    transport: str = "vhost-user"
     backends: list[_Backend] = field(default_factory=list, init=False)
+    nodes: dict[str, VhostVdpaNode] = field(default_factory=dict, init=False)
+    supervisor: Supervisor | None = field(default=None, init=False)
     socket_dir: Path | None = field(default=None, init=False)
     vm: GuestVM | None = field(default=None, init=False)
 
@@ -299,18 +333,20 @@ class VhostUserRig:
         """Serve a net device; the guest sees it as a virtio-net-pci NIC with all its queue pairs."""
         device = NetDevice(config)
         mac = format_mac(device.mac)
-        self._serve(
-            device,
-            lambda index, path: vhost_user_net_args(
-                index,
-                path,
-                mac=mac,
-                queue_pairs=config.max_vqp,
-                packed=packed,
-                event_idx=event_idx,
+
+        def qemu_args(index: int, path: Path) -> list[str]:
+            if self.transport == "vhost-vdpa":
+                from bridge.bypass import VhostVdpaNode
+
+                node = f"/dev/vhost-vdpa-{index}"
+                self.nodes[node] = VhostVdpaNode(device.name, str(path))
+                return vhost_vdpa_net_args(index, node, packed=packed, event_idx=event_idx, queue_size=queue_size)
+            return vhost_user_net_args(
+                index, path, mac=mac, queue_pairs=config.max_vqp, packed=packed, event_idx=event_idx,
                 queue_size=queue_size,
-            ),
-        )
+            )  # fmt: skip
+
+        self._serve(device, qemu_args)
         return device
 
     def add_blk(
@@ -374,9 +410,12 @@ class VhostUserRig:
                 memory_mb=self.memory_mb,
                 accel=self.accel,
                 shared_memory=True,
+                launcher=self._launch,
             )
             with self.vm:
                 boot = self.vm.wait()
+            if self.supervisor is not None:
+                self.supervisor.close()  # releases the nodes QEMU held: their servers reset the devices
             for backend in self.backends:
                 backend.stop()
         finally:
@@ -389,11 +428,19 @@ class VhostUserRig:
         }
         return RigResult(boot=boot, backend_log=collector.lines, counters=counters, vstats=vstats)
 
+    def _launch(self, argv: list[str], **popen: object) -> subprocess.Popen:
+        if self.transport == "vhost-user":
+            return subprocess.Popen(argv, **popen)  # type: ignore[call-overload]
+        self.supervisor = Supervisor(argv, self.nodes, **popen)
+        return self.supervisor.process
+
     # ----- tear-down -----
     def close(self) -> None:
         """End QEMU (by PID), the servers and the devices; remove the sockets. Safe to call twice."""
         if self.vm is not None:
             self.vm.stop()
+        if self.supervisor is not None:
+            self.supervisor.close()
         first_error: BaseException | None = None
         for backend in self.backends:  # every one is torn down; the first failure is raised at the end
             for step in (backend.stop, backend.device.close):
@@ -415,3 +462,42 @@ class VhostUserRig:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+# ----- what the e2e tests assert of a net run, on either door -----
+def assert_counters_agree(run: RigResult, name: str, guest: dict[str, int]) -> None:
+    """The device's vstats, summed over its queues, are the guest interface's counters."""
+    device = run.net_totals(name)
+    assert (device["tx packets"], device["tx bytes"]) == (guest["tx_packets"], guest["tx_bytes"])
+    assert (device["rx packets"], device["rx bytes"]) == (guest["rx_packets"], guest["rx_bytes"])
+    assert device["tx errors"] == device["rx errors"] == device["rx overruns"] == 0
+    assert guest["tx_errors"] == guest["rx_errors"] == guest["rx_dropped"] == guest["tx_dropped"] == 0
+
+
+def assert_loopback(loop: dict, mac_text: str, count: int, seed: int) -> None:
+    """Own-MAC and broadcast frames came back once each, byte for byte; foreign-MAC frames never did."""
+    mac = bytes.fromhex(mac_text.replace(":", ""))
+    frames = [loopback_frame(mac, seed, seq) for seq in range(count)]
+    passed = [seq for seq in range(count) if loopback_kind(seq) != "foreign"]
+    assert loop["mac"] == mac_text
+    assert (loop["sent"], loop["send_errors"], loop["received"]) == (count, 0, len(passed))
+    assert (loop["duplicates"], loop["corrupt"], loop["other_frames"], loop["corrupt_seqs"]) == (0, 0, 0, [])
+    assert loop["missing"] == [seq for seq in range(count) if seq not in passed]
+    third = count // 3
+    assert loop["kinds"] == {
+        "own": {"sent": third, "back": third},
+        "broadcast": {"sent": third, "back": third},
+        "foreign": {"sent": third, "back": 0},
+    }
+    assert loop["pkttype"] == {"host": third, "broadcast": third, "multicast": 0, "otherhost": 0}
+    # The guest compared every frame it got with the one it sent (memcmp) and hashed both streams;
+    # the host rebuilds the frames and checks the guest's per-frame and stream digests against them.
+    assert loop["frames"] == [
+        [seq, len(frame), f"{fnv1a64(frame):016x}", int(seq in passed)] for seq, frame in enumerate(frames)
+    ]
+    sent = back = 0xCBF29CE484222325
+    for seq, frame in enumerate(frames):
+        sent = fnv1a64(frame, sent)
+        if seq in passed:
+            back = fnv1a64(frame, back)
+    assert (loop["digest_sent"], loop["digest_back"]) == (f"{sent:016x}", f"{back:016x}")

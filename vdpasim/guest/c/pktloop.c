@@ -207,6 +207,7 @@ int main(int argc, char **argv)
 	uint64_t digest_sent = FNV_INIT;
 	unsigned char f[MAX_FRAME];
 	long long start = now_ms();
+	long long last_rx = start; /* when the last frame came back: the run's length without the final wait */
 
 	for (uint32_t seq = 0; seq < count; seq++) {
 		size_t len = build_frame(f, own, seed, seq, min, max);
@@ -226,14 +227,20 @@ int main(int argc, char **argv)
 			}
 			poll(NULL, 0, 5);
 		}
+		unsigned before = st.received;
 		receive_all(fd, &st, own, seed, count, min, max);
+		if (st.received != before)
+			last_rx = now_ms();
 	}
 	long long deadline = now_ms() + timeout_ms;
 	while (st.received < sent && now_ms() < deadline) {
 		struct pollfd p = {.fd = fd, .events = POLLIN};
 		long long left = deadline - now_ms();
 		poll(&p, 1, left > 0 ? (int)left : 0);
+		unsigned before = st.received;
 		receive_all(fd, &st, own, seed, count, min, max);
+		if (st.received != before)
+			last_rx = now_ms();
 	}
 	long long elapsed = now_ms() - start;
 
@@ -251,9 +258,10 @@ int main(int argc, char **argv)
 	       iface, own[0], own[1], own[2], own[3], own[4], own[5], foreign_mac[0], foreign_mac[1], foreign_mac[2],
 	       foreign_mac[3], foreign_mac[4], foreign_mac[5]);
 	printf("\"count\":%u,\"seed\":%u,\"min_len\":%zu,\"max_len\":%zu,\"sent\":%u,\"send_errors\":%u,"
-	       "\"received\":%u,\"duplicates\":%u,\"corrupt\":%u,\"other_frames\":%u,\"elapsed_ms\":%lld,",
+	       "\"received\":%u,\"duplicates\":%u,\"corrupt\":%u,\"other_frames\":%u,\"elapsed_ms\":%lld,"
+	       "\"last_rx_ms\":%lld,",
 	       count, seed, min, max, sent, send_errors, st.received, st.duplicates, st.corrupt, st.foreign_frames,
-	       elapsed);
+	       elapsed, last_rx - start);
 	printf("\"pkttype\":{\"host\":%u,\"broadcast\":%u,\"multicast\":%u,\"otherhost\":%u},", st.pkttype[PACKET_HOST],
 	       st.pkttype[PACKET_BROADCAST], st.pkttype[PACKET_MULTICAST], st.pkttype[PACKET_OTHERHOST]);
 	printf("\"kinds\":{");

@@ -1,0 +1,294 @@
+"""``vdpasim compare``: one device model, one guest workload, two doors — vhost-user and vhost-vdpa.
+
+Net: a virtio-net device is served on a vhost-user socket, and an unmodified QEMU 7.2 boots the test guest
+twice per door: ``-netdev vhost-user`` on the socket, then ``-netdev vhost-vdpa,vhostdev=/dev/vhost-vdpa-0``
+under the bypass supervisor (what ``vdpasim run`` does), where each ioctl and IOTLB write is served by the
+vhost-vdpa server bridged to the same socket. Each door runs a ping to the device's responder and a
+loopback of numbered frames. The results must be equal (frames, bytes, digests, device counters); the
+figures (time to DRIVER_OK, throughput, control messages and their time) are what differs.
+
+Blk: QEMU 7.2 from Debian has no vhost-vdpa block front-end (no libblkio, no vhost-vdpa-device-pci), so the
+second door for a disk is QEMU's vhost-user-blk in front of the reverse bridge (``vdpasim bridge``: a
+vhost-user server over a vhost-vdpa client), itself under the bypass: the guest's blocks travel QEMU →
+vhost-user → bridge → vhost-vdpa ioctls → bridge → vhost-user → device. The report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["add_parser", "compare_net", "PathRun", "Report"]
+
+MAC = "52:54:00:5e:00:01"
+PEER_IP = "10.0.0.2"
+GUEST_ADDR = "10.0.0.1/24"
+TRANSPORTS = ("vhost-user", "vhost-vdpa")
+
+
+@dataclass
+class PathRun:
+    """What one door produced: results (must match the other door's) and figures (may differ)."""
+
+    transport: str
+    results: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, float | int | None] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    kind: str  # "net" or "blk"
+    runs: dict[str, PathRun]
+    note: str = ""
+
+    def differences(self) -> list[str]:
+        """Result keys whose values differ between the doors (empty: the results are equal)."""
+        first, *others = self.runs.values()
+        keys = sorted({key for run in self.runs.values() for key in run.results})
+        return [key for key in keys if any(run.results.get(key) != first.results.get(key) for run in others)]
+
+    @property
+    def equal(self) -> bool:
+        return not self.differences() and not any(run.problems for run in self.runs.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "note": self.note,
+            "equal": self.equal,
+            "differences": self.differences(),
+            "runs": {name: asdict(run) for name, run in self.runs.items()},
+        }
+
+
+# ----- one door -----
+class _DriverOkClock:
+    """Time from QEMU's start to the device's DRIVER_OK, watched from a thread (the device is in this process)."""
+
+    def __init__(self, status: Callable[[], int]) -> None:
+        from .virtio.constants import VIRTIO_CONFIG_S_DRIVER_OK
+
+        self.seconds: float | None = None
+        self._stop = threading.Event()
+        started = time.monotonic()
+
+        def watch() -> None:
+            while not self._stop.wait(0.002):
+                if status() & VIRTIO_CONFIG_S_DRIVER_OK:
+                    self.seconds = time.monotonic() - started
+                    return
+
+        self._thread = threading.Thread(target=watch, name="driver-ok-clock", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return self.seconds
+
+
+def _control_figures(rig: Any) -> dict[str, float | int | None]:
+    """Control-plane counts and time: vhost-user requests the device's server served, and on vhost-vdpa
+    the ioctls and IOTLB writes of the bridge and the supervisor's traps."""
+    figures: dict[str, float | int | None] = {
+        "vhost_user_requests": sum(b.server.requests for b in rig.backends),
+        "vhost_user_ms": round(sum(b.server.busy_seconds for b in rig.backends) * 1e3, 2),
+    }
+    if rig.supervisor is not None:
+        stats = [server.stats for node in rig.nodes.values() for server in node.servers]
+        figures.update(
+            ioctls=sum(s.ioctls for s in stats),
+            iotlb_writes=sum(s.writes for s in stats),
+            vhost_vdpa_ms=round(sum(s.seconds for s in stats) * 1e3, 2),
+            traps=rig.supervisor.calls,
+            trap_ms=round(rig.supervisor.busy_seconds * 1e3, 2),
+        )
+    return figures
+
+
+def _boot_net(image: Any, transport: str, log_dir: Path, mode: str, workload: str, params: Mapping[str, object]):  # type: ignore[no-untyped-def]
+    from .config import NetConfig
+    from .testing.vhost_user import VhostUserRig
+
+    with VhostUserRig(image, log_dir / f"{transport}-{workload}", transport=transport) as rig:
+        device = rig.add_net(NetConfig(name=f"cmp-{mode}", mode=mode, peer_ip=PEER_IP, mac=MAC))
+        clock = _DriverOkClock(device.get_status)
+        try:
+            run = rig.run(workload, params)
+        finally:
+            driver_ok = clock.stop()
+        return run, driver_ok, _control_figures(rig)
+
+
+def _net_path(image: Any, transport: str, log_dir: Path, pings: int, frames: int) -> PathRun:
+    from .guest.workloads import loopback_frame_len, loopback_kind
+
+    path = PathRun(transport)
+    ping_params = {"peer": PEER_IP, "addr": GUEST_ADDR, "count": pings, "interval": 0.05}
+    ping_run, ping_driver_ok, control = _boot_net(image, transport, log_dir, "responder", "ping", ping_params)
+    loop_params = {"count": frames, "seed": 5, "timeout_ms": 1500, "frames": 0}
+    loop_run, _, _ = _boot_net(image, transport, log_dir, "loopback", "net-loopback", loop_params)
+    for name, run in (("ping", ping_run), ("loopback", loop_run)):
+        try:
+            run.check()
+        except Exception as exc:  # GuestRunError and friends: reported, not raised, so both doors show
+            path.problems.append(f"{name}: {exc}")
+    ping = _result(ping_run, "ping")
+    loop = _result(loop_run, "net-loopback")
+    dev = "cmp-loopback"
+    vstats = loop_run.vstats.get(dev, {})
+    path.results = {
+        "ping transmitted/received": (ping.get("transmitted"), ping.get("received")),
+        "loopback sent/received": (loop.get("sent"), loop.get("received")),
+        "loopback digest sent": loop.get("digest_sent"),
+        "loopback digest back": loop.get("digest_back"),
+        "loopback missing (foreign MAC)": len(loop.get("missing", [])),
+        "device tx packets/bytes": _pair(vstats.get(1, {}), "tx packets", "tx bytes"),
+        "device rx packets/bytes": _pair(vstats.get(0, {}), "rx packets", "rx bytes"),
+        "device rx drops": vstats.get(0, {}).get("rx drops"),
+        "guest rx/tx packets": _guest_counts(loop_run),
+    }
+    back = [seq for seq in range(frames) if loopback_kind(seq) != "foreign"]
+    back_bytes = sum(loopback_frame_len(5, seq) for seq in back)
+    seconds = (loop.get("last_rx_ms") or 0) / 1e3
+    path.figures = {
+        "time to DRIVER_OK (s)": _round(ping_driver_ok, 3),
+        "ping boot (s)": round(ping_run.boot.seconds, 2),
+        "ping rtt avg (ms)": (ping.get("rtt_ms") or {}).get("avg"),
+        "loopback frames/s": round(len(back) / seconds) if seconds else None,
+        "loopback Mbit/s": round(back_bytes * 8 / seconds / 1e6, 2) if seconds else None,
+        **control,  # of the ping boot: one device start-up and run
+    }
+    return path
+
+
+def _result(run: Any, kind: str) -> dict[str, Any]:
+    try:
+        return dict(run.result(kind))
+    except Exception:
+        return {}
+
+
+def _pair(stats: Mapping[str, int], a: str, b: str) -> tuple[int | None, int | None]:
+    return stats.get(a), stats.get(b)
+
+
+def _guest_counts(run: Any) -> tuple[int | None, int | None]:
+    stats = _result(run, "netstats").get("stats", {})
+    return stats.get("rx_packets"), stats.get("tx_packets")
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def compare_net(image: Any, log_dir: Path, *, pings: int = 10, frames: int = 300) -> Report:
+    runs = {transport: _net_path(image, transport, log_dir, pings, frames) for transport in TRANSPORTS}
+    return Report("net", runs, note="QEMU 7.2: -netdev vhost-user vs -netdev vhost-vdpa (kernel bypass)")
+
+
+# ----- output -----
+def render(report: Report, console: Console) -> None:
+    names = list(report.runs)
+    results = Table(title=f"{report.kind}: results (must be equal) — {report.note}")
+    results.add_column("result")
+    for name in names:
+        results.add_column(name, justify="right")
+    results.add_column("equal")
+    differing = set(report.differences())
+    keys = sorted({key for run in report.runs.values() for key in run.results})
+    for key in keys:
+        cells = [_cell(report.runs[name].results.get(key)) for name in names]
+        results.add_row(key, *cells, "[red]no[/]" if key in differing else "[green]yes[/]")
+    console.print(results)
+    figures = Table(title=f"{report.kind}: figures")
+    figures.add_column("figure")
+    for name in names:
+        figures.add_column(name, justify="right")
+    for key in dict.fromkeys(key for run in report.runs.values() for key in run.figures):
+        figures.add_row(key, *[_cell(report.runs[name].figures.get(key)) for name in names])
+    console.print(figures)
+    for name, run in report.runs.items():
+        for problem in run.problems:
+            console.print(f"[red]{name}: {problem}[/]")
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, tuple | list):
+        return " / ".join(_cell(v) for v in value)
+    return str(value)
+
+
+def plot(reports: list[Report], path: Path) -> None:
+    """One bar chart per numeric figure, doors side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        (report, key)
+        for report in reports
+        for key in dict.fromkeys(k for run in report.runs.values() for k in run.figures)
+        if any(isinstance(run.figures.get(key), int | float) for run in report.runs.values())
+    ]
+    columns = 3
+    rows = max(1, -(-len(panels) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for ax, (report, key) in zip(axes.flat, panels, strict=False):
+        names = list(report.runs)
+        values = [report.runs[name].figures.get(key) or 0 for name in names]
+        ax.bar(names, values, color=["#4C72B0", "#DD8452", "#55A868"][: len(names)])
+        ax.set_title(f"{report.kind}: {key}", fontsize=9)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----- the command -----
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    cmd = commands.add_parser("compare", help="the same device and guest workload over vhost-user and vhost-vdpa")
+    cmd.add_argument("--pings", type=int, default=10, help="pings per door (default 10)")
+    cmd.add_argument("--frames", type=int, default=300, help="loopback frames per door (default 300)")
+    cmd.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    cmd.add_argument("--plot", metavar="FILE.png", help="draw the figures")
+    cmd.add_argument("--logs", metavar="DIR", help="keep the guests' console and QEMU logs here")
+    cmd.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .guest.build import build_guest
+
+    console = Console()
+    log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="vdpasim-compare-"))
+    with console.status("building the test guest (cached after the first time)"):
+        image = build_guest()
+    reports = []
+    with console.status("net: booting the guest over vhost-user, then over vhost-vdpa"):
+        reports.append(compare_net(image, log_dir, pings=args.pings, frames=args.frames))
+    for report in reports:
+        render(report, console)
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_json() for r in reports], indent=2) + "\n")
+    if args.plot:
+        plot(reports, Path(args.plot))
+    ok = all(report.equal for report in reports)
+    console.print("[bold green]results equal on both doors[/]" if ok else "[bold red]results differ[/]")
+    console.print(f"logs: {log_dir}")
+    return 0 if ok else 1
