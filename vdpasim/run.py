@@ -39,8 +39,8 @@ def add_parser(commands: Any) -> None:
 
 
 def build_nodes(runtime: Any) -> Mapping[str, Any]:
-    """The simulated char devices to serve (path -> factory). Hook for /dev/vhost-vdpa-N of the daemon's
-    devices; none yet."""
+    """The simulated char devices to serve (path -> factory, or a directory with ``get(path)``). Hook for
+    /dev/vhost-vdpa-N of the daemon's devices (bridge/bypass.py ``DaemonNodes``); none yet."""
     return {}
 
 
