@@ -7,7 +7,7 @@ import sys
 
 from bridge import reverse
 
-from . import bench, cli_dev, compare, demo
+from . import bench, cli_dev, compare, demo, run
 from .guest import cli as guest_cli
 
 __all__ = ["main"]
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(commands)
     guest_cli.add_parser(commands)
     cli_dev.add_parsers(commands)
+    run.add_parser(commands)
     return parser
 
 

@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ __all__ = [
 AUDIT_ARCH_X86_64 = 0xC000003E
 SYSCALLS = {"read": 0, "write": 1, "close": 3, "ioctl": 16, "sendto": 44, "recvfrom": 45, "sendmsg": 46,
             "recvmsg": 47, "socket": 41, "bind": 49, "getsockname": 51, "setsockopt": 54, "openat": 257,
-            "mmap": 9}  # fmt: skip
+            "mmap": 9, "readv": 19, "writev": 20, "connect": 42, "accept": 43, "shutdown": 48, "listen": 50,
+            "getpeername": 52, "getsockopt": 55, "accept4": 288, "recvmmsg": 299, "sendmmsg": 307}  # fmt: skip
 
 _SYS_SECCOMP = 317
 _SECCOMP_SET_MODE_FILTER = 1
@@ -81,6 +83,7 @@ SECCOMP_IOCTL_NOTIF_ADDFD = _iow(3, _ADDFD.size)
 # Classic BPF opcodes used by the filter.
 _LD_W_ABS = 0x20
 _JEQ_K = 0x15
+_JGE_K = 0x35
 _RET_K = 0x06
 _ALU_RSH_K = 0x74
 _ALU_AND_K = 0x54
@@ -99,11 +102,16 @@ def _arg_high(n: int) -> int:
 @dataclass(frozen=True)
 class Rule:
     """Trap ``syscall``; with ``ioctl_type``, only ioctls whose request has that type byte (bits 8-15);
-    with ``arg0``, only calls whose first argument (an fd) is that number, both 32-bit halves compared."""
+    with ``arg0``, only calls whose first argument (an fd) is that number, both 32-bit halves compared;
+    with ``arg0_range`` (first, end), only calls whose first argument's low 32 bits (the ``int fd`` the kernel
+    uses) lie in [first, end); with ``args_low``, only calls whose arguments' low 32 bits (``int`` arguments,
+    as socket()'s domain and protocol) equal the given values: ``((index, value), ...)``."""
 
     syscall: str
     ioctl_type: int | None = None
     arg0: int | None = None
+    arg0_range: tuple[int, int] | None = None
+    args_low: tuple[tuple[int, int], ...] = ()
 
 
 def build_filter(rules: Iterable[Rule]) -> bytes:
@@ -129,10 +137,18 @@ def build_filter(rules: Iterable[Rule]) -> bytes:
                 (_LD_W_ABS, 0, 0, _arg_high(0)),
                 (_JEQ_K, 0, 0, rule.arg0 >> 32 & 0xFFFFFFFF),
             ]
-        # A failed comparison jumps past the rest of the rule and its notify (jf counts from the next insn).
-        for i, (code, _, _, k) in enumerate(checks):
-            if code == _JEQ_K:
+        for index, value in rule.args_low:
+            checks += [(_LD_W_ABS, 0, 0, _arg_low(index)), (_JEQ_K, 0, 0, value & 0xFFFFFFFF)]
+        if rule.arg0_range is not None:
+            first, end = rule.arg0_range
+            # below ``first`` fails (jf); at or above ``end`` fails too (jt, marked by jt=1 here, fixed below)
+            checks += [(_LD_W_ABS, 0, 0, _arg_low(0)), (_JGE_K, 0, 0, first), (_JGE_K, 1, 0, end)]
+        # A failed comparison jumps past the rest of the rule and its notify (jumps count from the next insn).
+        for i, (code, jt, _, k) in enumerate(checks):
+            if code == _JEQ_K or (code == _JGE_K and not jt):
                 checks[i] = (code, 0, len(checks) - i, k)
+            elif code == _JGE_K:
+                checks[i] = (code, len(checks) - i, 0, k)
         program += checks
         program.append((_RET_K, 0, 0, _SECCOMP_RET_USER_NOTIF))
     program.append((_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
@@ -191,11 +207,13 @@ def _send(listener: int, response: bytes) -> None:
             raise
 
 
-def add_fd(listener: int, ident: int, fd: int, *, target_fd: int | None = None, send: bool = False) -> int:
-    """Install ``fd`` in the target (as ``target_fd`` if given); with ``send`` it also answers the call.
-    Returns the fd number in the target."""
+def add_fd(
+    listener: int, ident: int, fd: int, *, target_fd: int | None = None, send: bool = False, cloexec: bool = False
+) -> int:
+    """Install ``fd`` in the target (as ``target_fd`` if given, close-on-exec with ``cloexec``); with ``send`` it
+    also answers the call. Returns the fd number in the target."""
     flags = (_SECCOMP_ADDFD_FLAG_SETFD if target_fd is not None else 0) | (_SECCOMP_ADDFD_FLAG_SEND if send else 0)
-    request = bytearray(_ADDFD.pack(ident, flags, fd, target_fd or 0, 0))
+    request = bytearray(_ADDFD.pack(ident, flags, fd, target_fd or 0, os.O_CLOEXEC if cloexec else 0))
     return fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, request, True)
 
 

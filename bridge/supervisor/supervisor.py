@@ -33,6 +33,7 @@ from typing import Protocol
 from vdpasim.errors import PeerError
 
 from . import seccomp
+from .netlink import NetlinkBypass
 
 __all__ = ["Supervisor", "NodeHandler", "TargetMemory", "FIRST_NODE_FD"]
 
@@ -186,8 +187,12 @@ class NodeDirectory(Protocol):
 
 
 class Supervisor:
-    def __init__(self, argv: Sequence[str], nodes: NodeDirectory | Mapping[str, NodeFactory], **popen: object) -> None:
+    def __init__(
+        self, argv: Sequence[str], nodes: NodeDirectory | Mapping[str, NodeFactory], *,
+        netlink: NetlinkBypass | None = None, **popen: object
+    ) -> None:  # fmt: skip
         self.nodes = nodes
+        self.netlink = netlink  # with it, NETLINK_GENERIC sockets are emulated (netlink.py)
         self._slots: dict[str, int] = {}  # node path -> its fixed fd number's offset from FIRST_NODE_FD
         self.open_nodes: dict[tuple[int, int], NodeHandler] = {}  # (tgid, fd) -> handler
         self.calls = 0  # trapped calls answered, and the time spent answering them
@@ -196,6 +201,8 @@ class Supervisor:
         rules = [seccomp.Rule("openat"), seccomp.Rule("ioctl", ioctl_type=0xAF)]
         for i in range(MAX_NODES):
             rules += [seccomp.Rule(call, arg0=FIRST_NODE_FD + i) for call in ("write", "close")]
+        if netlink is not None:
+            rules += netlink.rules()
         program = seccomp.build_filter(rules)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._placeholder = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
@@ -235,6 +242,8 @@ class Supervisor:
         for handler in self.open_nodes.values():
             handler.close()
         self.open_nodes.clear()
+        if self.netlink is not None:
+            self.netlink.close()
         with contextlib.suppress(OSError):
             os.close(self.listener)
         with contextlib.suppress(OSError):
@@ -296,6 +305,10 @@ class Supervisor:
     def _answer(self, n: seccomp.Notification) -> None:
         name = {v: k for k, v in seccomp.SYSCALLS.items()}.get(n.nr)
         try:
+            if self.netlink is not None and self.netlink.owns(name, n.args):
+                tgid = self._tgid(n.pid)
+                self.netlink.answer(self.listener, n, name, TargetMemory(n.pid, tgid), tgid)  # type: ignore[arg-type]
+                return
             if name == "openat":
                 self._openat(n, TargetMemory(n.pid))
                 return
