@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import tempfile
 import threading
 import time
@@ -52,6 +53,7 @@ class Report:
     kind: str  # "net" or "blk"
     runs: dict[str, PathRun]
     note: str = ""
+    repeat: int = 1
 
     def differences(self) -> list[str]:
         """Result keys whose values differ between the doors (empty: the results are equal)."""
@@ -67,6 +69,7 @@ class Report:
         return {
             "kind": self.kind,
             "note": self.note,
+            "repeat": self.repeat,
             "equal": self.equal,
             "differences": self.differences(),
             "runs": {name: asdict(run) for name, run in self.runs.items()},
@@ -114,6 +117,7 @@ def _control_figures(rig: Any) -> dict[str, float | int | None]:
             "IOTLB writes": sum(s.writes for s in stats),
             "ioctls + writes ms": round(sum(s.seconds for s in stats) * 1e3, 2),
             "trapped syscalls": sum(s.calls for s in supervisors),
+            "of which openat (passed on)": sum(s.calls_by_syscall.get("openat", 0) for s in supervisors),
             "trapped syscalls ms": round(sum(s.busy_seconds for s in supervisors) * 1e3, 2),
         })  # fmt: skip
     return figures
@@ -195,9 +199,33 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def compare_net(image: Any, log_dir: Path, *, pings: int = 10, frames: int = 2000) -> Report:
-    runs = {transport: _net_path(image, transport, log_dir, pings, frames) for transport in TRANSPORTS}
-    return Report("net", runs, note="QEMU 7.2: -netdev vhost-user vs -netdev vhost-vdpa (kernel bypass)")
+def compare_net(image: Any, log_dir: Path, *, pings: int = 10, frames: int = 2000, repeat: int = 1) -> Report:
+    runs = _alternate(repeat, lambda transport, i: _net_path(image, transport, log_dir / f"net{i}", pings, frames))
+    return Report("net", runs, "QEMU 7.2: -netdev vhost-user vs -netdev vhost-vdpa (kernel bypass)", repeat)
+
+
+def _alternate(repeat: int, one: Callable[[str, int], PathRun]) -> dict[str, PathRun]:
+    """``repeat`` runs of each door, alternating (a noisy machine hits both alike), merged: the results of
+    every run must be the first's, and each figure is the median over the runs."""
+    all_runs: dict[str, list[PathRun]] = {transport: [] for transport in TRANSPORTS}
+    for i in range(repeat):
+        for transport in TRANSPORTS:
+            all_runs[transport].append(one(transport, i))
+    return {transport: _merge(runs) for transport, runs in all_runs.items()}
+
+
+def _merge(runs: list[PathRun]) -> PathRun:
+    first = runs[0]
+    merged = PathRun(first.transport, dict(first.results), {}, [p for run in runs for p in run.problems])
+    for i, run in enumerate(runs[1:], 2):
+        differing = sorted(k for k in first.results if run.results.get(k) != first.results[k])
+        if differing:
+            merged.problems.append(f"run {i} differs from run 1 in: {', '.join(differing)}")
+    for key in first.figures:
+        values = [run.figures.get(key) for run in runs]
+        numbers = [v for v in values if isinstance(v, int | float)]
+        merged.figures[key] = statistics.median(numbers) if len(numbers) == len(values) else first.figures[key]
+    return merged
 
 
 def _blk_path(image: Any, transport: str, log_dir: Path, disk_mb: int, region_mb: int) -> PathRun:
@@ -244,14 +272,14 @@ def _blk_path(image: Any, transport: str, log_dir: Path, disk_mb: int, region_mb
     return path
 
 
-def compare_blk(image: Any, log_dir: Path, *, disk_mb: int = 32, region_mb: int = 8) -> Report:
-    runs = {transport: _blk_path(image, transport, log_dir, disk_mb, region_mb) for transport in TRANSPORTS}
+def compare_blk(image: Any, log_dir: Path, *, disk_mb: int = 32, region_mb: int = 8, repeat: int = 1) -> Report:
+    runs = _alternate(repeat, lambda transport, i: _blk_path(image, transport, log_dir / f"blk{i}", disk_mb, region_mb))
     note = (
         "QEMU 7.2 vhost-user-blk on the device's socket vs on the reverse bridge, whose vhost-vdpa client drives "
         "the device's /dev/vhost-vdpa-N under the bypass (Debian's QEMU 7.2 has no vhost-vdpa block front-end: "
         "no libblkio, no vhost-vdpa-device-pci)"
     )
-    return Report("blk", runs, note=note)
+    return Report("blk", runs, note, repeat)
 
 
 # ----- output -----
@@ -268,7 +296,8 @@ def render(report: Report, console: Console) -> None:
         cells = [_cell(report.runs[name].results.get(key)) for name in names]
         results.add_row(key, *cells, "[red]no[/]" if key in differing else "[green]yes[/]")
     console.print(results)
-    figures = Table(title=f"{report.kind}: figures")
+    medians = f", medians of {report.repeat} boots per door" if report.repeat > 1 else ""
+    figures = Table(title=f"{report.kind}: figures{medians}")
     figures.add_column("figure")
     for name in names:
         figures.add_column(name, justify="right")
@@ -324,6 +353,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--frames", type=int, default=2000, help="loopback frames per door (default 2000)")
     cmd.add_argument("--blk-mb", type=int, default=8, help="MiB the blk workload writes and reads (default 8)")
     cmd.add_argument("--no-blk", action="store_true", help="compare the net device only")
+    cmd.add_argument("--repeat", type=int, default=1, help="boots per door, alternating; figures are medians")
     cmd.add_argument("--json", metavar="FILE", help="write the report as JSON")
     cmd.add_argument("--plot", metavar="FILE.png", help="draw the figures")
     cmd.add_argument("--logs", metavar="DIR", help="keep the guests' console and QEMU logs here")
@@ -338,11 +368,14 @@ def run(args: argparse.Namespace) -> int:
     with console.status("building the test guest (cached after the first time)"):
         image = build_guest()
     reports = []
+    if args.repeat < 1:
+        console.print("[red]--repeat must be at least 1[/]")
+        return 2
     with console.status("net: booting the guest over vhost-user, then over vhost-vdpa"):
-        reports.append(compare_net(image, log_dir, pings=args.pings, frames=args.frames))
+        reports.append(compare_net(image, log_dir, pings=args.pings, frames=args.frames, repeat=args.repeat))
     if not args.no_blk:
         with console.status("blk: booting the guest over vhost-user, then through the reverse bridge"):
-            reports.append(compare_blk(image, log_dir, region_mb=args.blk_mb))
+            reports.append(compare_blk(image, log_dir, region_mb=args.blk_mb, repeat=args.repeat))
     for report in reports:
         render(report, console)
     if args.json:

@@ -163,6 +163,9 @@ def _find_mapping(tgid: int, addr: int, length: int) -> tuple[int, int, str, int
     return None
 
 
+_SYSCALL_NAMES = {number: name for name, number in seccomp.SYSCALLS.items()}
+
+
 class NodeHandler(Protocol):
     """One opened simulated char device, as the program sees its fd."""
 
@@ -197,6 +200,7 @@ class Supervisor:
         self.open_nodes: dict[tuple[int, int], NodeHandler] = {}  # (tgid, fd) -> handler
         self.calls = 0  # trapped calls answered, and the time spent answering them
         self.busy_seconds = 0.0
+        self.calls_by_syscall: dict[str, int] = {}  # openat counts every open: most are passed on untouched
         self._closed = False
         rules = [seccomp.Rule("openat"), seccomp.Rule("ioctl", ioctl_type=0xAF)]
         for i in range(MAX_NODES):
@@ -274,6 +278,8 @@ class Supervisor:
         except OSError:
             return  # the caller went away before we read it (ENOENT), or the listener is closing
         self.calls += 1
+        name = _SYSCALL_NAMES.get(notification.nr, str(notification.nr))
+        self.calls_by_syscall[name] = self.calls_by_syscall.get(name, 0) + 1
         started = time.perf_counter()
         try:
             self._answer(notification)
@@ -303,7 +309,7 @@ class Supervisor:
         raise ProcessLookupError(tid)
 
     def _answer(self, n: seccomp.Notification) -> None:
-        name = {v: k for k, v in seccomp.SYSCALLS.items()}.get(n.nr)
+        name = _SYSCALL_NAMES.get(n.nr)
         try:
             if self.netlink is not None and self.netlink.owns(name, n.args):
                 tgid = self._tgid(n.pid)

@@ -119,8 +119,9 @@ def vhost_vdpa_net_args(
     queue_size: int | None = None,
 ) -> list[str]:
     """QEMU arguments for a virtio-net-pci NIC on the vhost-vdpa device ``node`` (/dev/vhost-vdpa-N): what one
-    writes on a kernel with real vDPA. QEMU reads the device's MAC (``mac=`` would write it into the device)."""
-    device = [f"virtio-net-pci,id=nic{index},netdev=net{index}", "romfile=", "vectors=0"]
+    writes on a kernel with real vDPA. With MSI-X, unlike vhost-user-net (QEMU 7.2 under TCG polls the call
+    eventfds itself here). ``mac=`` is written into the device's config space by QEMU at start-up."""
+    device = [f"virtio-net-pci,id=nic{index},netdev=net{index}", "romfile="]
     if mac is not None:
         device.append(f"mac={mac}")
     device += _ring_options(packed, event_idx)
