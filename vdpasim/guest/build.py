@@ -68,7 +68,12 @@ BUSYBOX_PACKAGE = "busybox-static"
 _HERE = Path(__file__).resolve().parent
 _C_DIR = _HERE / "c"
 # name of the tool in the image -> its C source
-_C_TOOLS = {"vdpasim-pktloop": "pktloop.c", "vdpasim-channels": "channels.c", "vdpasim-blkop": "blkop.c"}
+_C_TOOLS = {
+    "vdpasim-pktloop": "pktloop.c",
+    "vdpasim-channels": "channels.c",
+    "vdpasim-blkop": "blkop.c",
+    "vdpasim-blkverify": "blkverify.c",
+}
 # Also handed to apt-cache as a regular expression.
 _KERNEL_NAME = re.compile(r"^linux-image-6\.12\.([0-9]+)\+deb[0-9]+-amd64(-unsigned)?$")
 

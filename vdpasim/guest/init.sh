@@ -263,6 +263,18 @@ wl_script() {
 	sh "/host$_script"
 }
 
+# blk-verify: O_DIRECT pattern writes and read-backs of a region, pass after pass, for vdpasim.verify_seconds
+# (vdpasim-blkverify): a back-end restarted under the guest must lose, fail or corrupt no completed write.
+wl_blk_verify() {
+	_dev=/dev/$(wparam dev vda)
+	if ! wait_for "$_dev" 10; then
+		error "no block device $_dev"
+		return 1
+	fi
+	result "$(vdpasim-blkverify "$_dev" "$(wparam offset 0)" "$(wparam size 1048576)" "$(wparam seconds 10)" \
+		"$(wparam seed 1)")"
+}
+
 # pause: report, then sleep vdpasim.pause_ms (default 2000) while the host acts on the VM (QMP stop and
 # cont, system_reset): the workloads around it show the device still works afterwards.
 wl_pause() {
@@ -281,7 +293,7 @@ mount_hostroot
 RC=0
 for CURRENT in $(param workload selftest | tr , ' '); do
 	_start=$(now_ms)
-	PREFIX=$(echo "$CURRENT" | sed 's/^net-loopback$/loop/')
+	PREFIX=$(echo "$CURRENT" | sed -e 's/^net-loopback$/loop/' -e 's/^blk-verify$/verify/')
 	case "$CURRENT" in
 	selftest) wl_selftest ;;
 	ping) wl_ping ;;
@@ -289,6 +301,7 @@ for CURRENT in $(param workload selftest | tr , ' '); do
 	blk) wl_blk ;;
 	script) wl_script ;;
 	pause) wl_pause ;;
+	blk-verify) wl_blk_verify ;;
 	*)
 		error "unknown workload"
 		false
