@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 
@@ -105,13 +104,16 @@ class DaemonNodes:
 
     def _devices(self) -> list[tuple[str, str, str]]:
         """(name, node, vhost-user socket) of every device the daemon holds; none if no daemon answers."""
-        import socket
+        from vdpasim.bus import netlink as nl  # pyroute2: loaded only when a program opens a node
 
-        from vdpasim.bus import netlink as nl
-
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            sock.connect(os.fspath(self.runtime.control_socket))
+            sock = self.runtime.connect_control()
+        except VdpasimError as exc:  # an unsafe runtime directory: no node from there
+            log.warning("%s", exc)
+            return []
+        if sock is None:
+            return []
+        try:
             vdpa = nl.VdpaSocket(use_socket=sock)
             try:
                 replies = vdpa.dev("show", extensions=True)

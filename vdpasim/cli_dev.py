@@ -37,7 +37,6 @@ import io
 import ipaddress
 import json
 import os
-import socket
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
@@ -434,29 +433,15 @@ def _say(message: str) -> None:
     Console(stderr=True).print(message, highlight=False, soft_wrap=True)
 
 
-def _connect(runtime: RuntimeDir) -> socket.socket | None:
-    """A connection to the daemon's control socket, or None if none serves it; never through an unsafe
-    directory, where someone else's socket could pose as our daemon."""
-    if os.path.lexists(runtime.path):
-        runtime.check()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.connect(os.fspath(runtime.control_socket))
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-        return None
-    return sock
-
-
 @contextlib.contextmanager
 def _vdpa_socket(runtime: RuntimeDir, *, start: bool) -> Iterator[nl.VdpaSocket | None]:
-    sock = _connect(runtime)
+    sock = runtime.connect_control()
     if sock is None and start:
         from .daemon import spawn_daemon
 
         pid = spawn_daemon(runtime)
         _say(escape(f"vdpasim: started a daemon (pid {pid}) in {runtime.path}, log {runtime.log_file}"))
-        sock = _connect(runtime)
+        sock = runtime.connect_control()
     if sock is None:
         yield None
         return
@@ -587,7 +572,7 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         if args.action == "run":
             return run_foreground(args)
         if args.action == "start":
-            client = _connect(runtime)
+            client = ControlClient.try_connect(runtime.control_socket, timeout=10.0) if _safe(runtime) else None
             if client is not None:
                 with client:
                     pid = client.request("daemon_get")["daemon"]["pid"]

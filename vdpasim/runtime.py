@@ -23,6 +23,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -128,6 +129,19 @@ class RuntimeDir:
             ) from None
         self.check()
         return self.path
+
+    def connect_control(self) -> socket.socket | None:
+        """A connection to the daemon's control socket, or None if none serves it; never through an unsafe
+        directory, where someone else's socket could pose as our daemon (RuntimeDirError)."""
+        if os.path.lexists(self.path):
+            self.check()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(os.fspath(self.control_socket))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            return None
+        return sock
 
     def check(self) -> None:
         """Refuse a directory that is a symlink, not ours, or open to group or others."""

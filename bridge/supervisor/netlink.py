@@ -530,14 +530,13 @@ class DaemonTransport:
     def _connect(self) -> socket.socket:
         if self.sock is not None:
             return self.sock
-        from vdpasim.cli_dev import _connect
         from vdpasim.daemon import spawn_daemon
 
-        sock = _connect(self.runtime)  # type: ignore[arg-type]
+        sock = self.runtime.connect_control()  # type: ignore[attr-defined]
         if sock is None:
             pid = spawn_daemon(self.runtime)  # type: ignore[arg-type]
             log.info("started a daemon (pid %d) in %s", pid, self.runtime.path)  # type: ignore[attr-defined]
-            sock = _connect(self.runtime)  # type: ignore[arg-type]
+            sock = self.runtime.connect_control()  # type: ignore[attr-defined]
             if sock is None:
                 raise _fail(errno.ECONNREFUSED, "the daemon does not answer")
         sock.settimeout(60.0)

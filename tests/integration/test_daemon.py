@@ -106,6 +106,9 @@ def test_second_daemon_on_the_same_dir_is_refused(daemon: DaemonProcess) -> None
     # The first one is untouched: same lock, same socket, still answering.
     assert daemon.runtime.pid_file.read_text().strip() == str(daemon.pid)
     assert daemon.json("daemon", "status")["daemon"]["pid"] == daemon.pid
+    # `daemon start` finds it answering and starts none.
+    start = run_cli(daemon.runtime, "daemon", "start")
+    assert f"vdpasim: a daemon (pid {daemon.pid}) already serves {daemon.runtime.path}" in start.stderr
 
 
 def test_two_daemons_side_by_side() -> None:
