@@ -87,6 +87,25 @@ def test_loopback_over_vhost_vdpa(image: GuestImage, tmp_path: Path, packed: boo
     assert run.vhost_lines == [] and run.backend_log == []
 
 
+def test_two_queue_pairs_and_the_devices_own_control_queue(image: GuestImage, tmp_path: Path) -> None:
+    """MQ over vhost-vdpa: unlike vhost-user, QEMU passes the control queue through to the device, whose CVQ
+    sets the pair count; XPS sends from CPU 1 on pair 1, which must carry every frame."""
+    count, seed = 30, 13
+    with VhostUserRig(image, tmp_path, transport="vhost-vdpa") as rig:
+        rig.add_net(NetConfig(name="vdpa-mq", mac=MAC, max_vqp=2))
+        run = rig.run("net-loopback", {"count": count, "seed": seed, "timeout_ms": 1500, "queues": 2, "cpu": 1})
+    run.check()
+
+    channels = run.result("channels")
+    assert (channels["max_combined"], channels["combined"]) == (2, 2)
+    assert_loopback(run.result("net-loopback"), MAC, count, seed)
+    vstats = run.vstats["vdpa-mq"]
+    assert vstats[3]["tx packets"] == count and vstats[1]["tx packets"] == 0
+    assert vstats[2]["rx packets"] == count - count // 3 and vstats[0]["rx packets"] == 0
+    assert vstats[4]["cvq requests"] == vstats[4]["cvq successes"] >= 1  # MQ_VQ_PAIRS_SET reached the device
+    assert run.vhost_lines == [] and run.backend_log == []
+
+
 def test_stop_cont_system_reset_and_a_new_qemu(image: GuestImage, tmp_path: Path) -> None:
     """QMP stop/cont (QEMU stops the device and restarts it from the ring bases it read), system_reset (the
     guest driver starts over: status 0, a new IOTLB, new rings), then QEMU exits and a second QEMU opens the

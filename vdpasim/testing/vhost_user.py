@@ -114,6 +114,7 @@ def vhost_vdpa_net_args(
     node: str,
     *,
     mac: str | None = None,
+    queue_pairs: int = 1,
     packed: bool = False,
     event_idx: bool = True,
     queue_size: int | None = None,
@@ -124,6 +125,8 @@ def vhost_vdpa_net_args(
     device = [f"virtio-net-pci,id=nic{index},netdev=net{index}", "romfile="]
     if mac is not None:
         device.append(f"mac={mac}")
+    if queue_pairs > 1:
+        device.append("mq=on")  # QEMU reads the pair count from the device's config space
     device += _ring_options(packed, event_idx)
     if queue_size is not None:
         device += [f"rx_queue_size={queue_size}", f"tx_queue_size={queue_size}"]
@@ -348,8 +351,9 @@ class VhostUserRig:
                 self.nodes[node] = VhostVdpaNode(device.name, str(path))
                 # mac=: QEMU writes its NIC's MAC into the device at start-up (its default, without one).
                 return vhost_vdpa_net_args(
-                    index, node, mac=mac, packed=packed, event_idx=event_idx, queue_size=queue_size
-                )
+                    index, node, mac=mac, queue_pairs=config.max_vqp, packed=packed, event_idx=event_idx,
+                    queue_size=queue_size,
+                )  # fmt: skip
             return vhost_user_net_args(
                 index, path, mac=mac, queue_pairs=config.max_vqp, packed=packed, event_idx=event_idx,
                 queue_size=queue_size,
