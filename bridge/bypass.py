@@ -4,8 +4,11 @@ An open of a node is the bridge at work: a vhost-vdpa server (bridge/vhost_vdpa/
 semantics) stacked on a vhost-user client (bridge/vhost_user/client.py) of the device's socket. Every
 ioctl and IOTLB write the program makes becomes device operations on that client; kick and call eventfds
 and guest RAM (the VMM's memfd) are handed to the device as fds, so the data path never passes through
-here. ``VhostVdpaNode`` is one such node, ``DaemonNodes`` the directory of a daemon's nodes, looked up at
-each open so devices added while the program runs (``vdpa dev add`` under ``vdpasim run``) are found.
+here. The client is a ``ReplayingClient`` (bridge/vhost_user/replay.py): like the kernel, an open node
+keeps its char-device state when the daemon behind the socket dies, and replays it to the daemon that
+comes back on the same path, so the program sees only a pause. ``VhostVdpaNode`` is one such node,
+``DaemonNodes`` the directory of a daemon's nodes, looked up at each open so devices added while the
+program runs (``vdpa dev add`` under ``vdpasim run``) are found.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import threading
 from dataclasses import dataclass, field
 
 from bridge.supervisor.supervisor import NodeHandler, TargetMemory
-from bridge.vhost_user.client import VhostUserClient
+from bridge.vhost_user.replay import ReplayingClient
 from bridge.vhost_vdpa.server import VhostVdpaServer
 from vdpasim.errors import PeerError, VdpasimError
 from vdpasim.runtime import RuntimeDir
@@ -34,6 +37,7 @@ class VhostVdpaNode:
 
     name: str  # the device's
     socket_path: str  # its vhost-user socket
+    reconnect_seconds: float = 30.0  # how long an open node waits for a back-end that went away
     opens: int = 0
     servers: list[VhostVdpaServer] = field(default_factory=list, repr=False)  # every open's server, for its stats
     _current: _OpenNode | None = field(default=None, repr=False)
@@ -44,7 +48,7 @@ class VhostVdpaNode:
             if self._current is not None:
                 raise PeerError(f"vhost-vdpa node of {self.name} is already open", errno=errno.EBUSY)
             try:
-                client = VhostUserClient(self.socket_path)
+                client = ReplayingClient(self.socket_path, name=self.name, reconnect_seconds=self.reconnect_seconds)
             except (VdpasimError, OSError) as exc:
                 reason = f"device {self.name} does not answer on {self.socket_path}: {exc}"
                 raise PeerError(reason, errno=errno.ENODEV) from exc
@@ -68,7 +72,7 @@ class VhostVdpaNode:
 class _OpenNode:
     node: VhostVdpaNode
     server: VhostVdpaServer
-    client: VhostUserClient
+    client: ReplayingClient
 
     def ioctl(self, request: int, arg: int, memory: TargetMemory) -> int:
         return self.server.ioctl(request, arg, memory)

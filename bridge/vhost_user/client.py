@@ -256,6 +256,12 @@ class VhostUserClient:
     def connected(self) -> bool:
         return self._stream is not None
 
+    def fileno(self) -> int:
+        """The connection's fd, for a watcher to poll for a hang-up (it must read nothing from it)."""
+        if self._stream is None:
+            raise TransportError(f"{self.name}: not connected")
+        return self._stream.sock.fileno()
+
     def close(self) -> None:
         """Leave the back-end (which resets the device) and release every fd we own."""
         with self._lock:
