@@ -188,6 +188,7 @@ class ReplayingClient:
             if not supports(client, op):
                 setattr(self, op, None)
         try:
+            self._snapshot_config(client)
             self._attach(client)
         except BaseException:
             client.close()
@@ -205,7 +206,6 @@ class ReplayingClient:
         """Make ``client`` the current connection (lock held, or in __init__)."""
         self._watch_fd = os.dup(client.fileno())
         self._client = client
-        self._snapshot_config(client)
         self._up.set()
 
     def _snapshot_config(self, client: VhostUserClient) -> None:
@@ -372,6 +372,7 @@ class ReplayingClient:
                 client.set_vq_ready(idx, True)
         if record.config_cb_set and supports(client, "set_config_cb"):
             client.set_config_cb(record.config_cb)
+        self._snapshot_config(client)  # before DRIVER_OK: once the rings run, the driver may act at once
         if running:
             client.set_status(record.status & ~VIRTIO_CONFIG_S_NEEDS_RESET)
         if record.suspended and supports(client, "suspend"):
