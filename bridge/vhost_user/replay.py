@@ -88,7 +88,9 @@ class ReplayStats:
     replays: int = 0  # successful replays onto a new back-end
     failed_replays: int = 0  # a new back-end that broke during the replay (retried)
     requeued: int = 0  # buffers the dead back-end had taken and a new one takes again (split rings)
+    requeued_by_queue: dict[int, int] = field(default_factory=dict)  # the same, per queue
     pauses: list[float] = field(default_factory=list)  # seconds from the hang-up seen to the replay done
+    replayed_at: list[float] = field(default_factory=list)  # time.monotonic() at the end of each replay
     gave_up: bool = False  # reconnect_seconds passed without a back-end
 
 
@@ -303,9 +305,11 @@ class ReplayingClient:
                     with contextlib.suppress(Exception):
                         client.close()
                     continue
-                pause = time.monotonic() - self._down_at
+                now = time.monotonic()
+                pause = now - self._down_at
                 self.stats.replays += 1
                 self.stats.pauses.append(pause)
+                self.stats.replayed_at.append(now)
                 log.info("%s: state replayed to the new back-end after %.3f s", self.name, pause)
             return
 
@@ -313,7 +317,7 @@ class ReplayingClient:
     def _packed(self) -> bool:
         return bool((self._record.features or 0) >> VIRTIO_F_RING_PACKED & 1)
 
-    def _memory_state(self, queue: _Queue) -> VqState | None:
+    def _memory_state(self, idx: int, queue: _Queue, *, count: bool = False) -> VqState | None:
         """Where a running ring stopped, from guest memory; None if its memory is not mapped."""
         record = self._record
         if record.table is None or queue.addr is None or not queue.num:
@@ -327,7 +331,9 @@ class ReplayingClient:
         except VdpasimError as exc:  # the ring is outside the recorded memory
             log.warning("%s: cannot read the ring at %#x: %s", self.name, desc, exc)
             return None
-        self.stats.requeued += (avail - used) & 0xFFFF
+        pending = (avail - used) & 0xFFFF if count else 0
+        self.stats.requeued += pending
+        self.stats.requeued_by_queue[idx] = self.stats.requeued_by_queue.get(idx, 0) + pending
         return SplitState(used)
 
     def _replay(self, client: VhostUserClient) -> None:
@@ -335,7 +341,7 @@ class ReplayingClient:
         running = bool(record.status & VIRTIO_CONFIG_S_DRIVER_OK)
         bases: dict[int, VqState] = {}
         for idx, queue in record.queues.items():
-            state = self._memory_state(queue) if running and queue.ready else None
+            state = self._memory_state(idx, queue, count=True) if running and queue.ready else None
             if state is None:
                 state = queue.state
             if state is not None:
@@ -488,7 +494,7 @@ class ReplayingClient:
             queue = self._queue(idx)
             state = None
             if self._record.status & VIRTIO_CONFIG_S_DRIVER_OK and queue.ready:
-                state = self._memory_state(queue)
+                state = self._memory_state(idx, queue)
             if state is None:
                 state = queue.state
             if state is None:
