@@ -134,7 +134,7 @@ def test_ping_resumes_after_each_of_ten_daemon_restarts(image: GuestImage, tmp_p
     lost = ping["transmitted"] - ping["received"]
     resent = sum(n for idx, n in stats.requeued_by_queue.items() if idx % 2)  # transmit queues are odd
     _report("net", restarter, f"ping {ping['received']}/{ping['transmitted']} answered, {lost} lost "
-            f"({ping['loss_pct']} %), {resent} frames the dead device had taken sent again")  # fmt: skip
+            f"({ping['loss_pct']} %), {resent} tx frames waiting in the ring at the replays")  # fmt: skip
     assert ping["transmitted"] == count and ping["received"] > 0
     assert lost <= RESTARTS * 20  # a pause of up to ~1 s per restart
     assert (stats.outages, stats.replays, stats.gave_up) == (RESTARTS, RESTARTS, False)
