@@ -140,6 +140,7 @@ def test_ping_resumes_after_each_of_ten_daemon_restarts(image: GuestImage, tmp_p
     assert (stats.outages, stats.replays, stats.gave_up) == (RESTARTS, RESTARTS, False)
     assert len(restarter.served_after) == RESTARTS  # every new device answered pings before the next restart
     assert server.stats.failures == 0  # QEMU's ioctls never failed, before, during or after
+    assert [line for line in run.boot.kmsg if "watchdog" in line.lower() or "virtio" in line.lower()] == []
     assert run.vhost_lines == []
     assert run.boot.guest_rc == 0 and run.boot.returncode == 0, run.boot.tail()
 
