@@ -114,11 +114,12 @@ def _adopt(rig: VhostUserRig, make) -> RestartingBackend:  # type: ignore[no-unt
     return backend
 
 
-def test_ping_resumes_after_each_of_ten_daemon_restarts(image: GuestImage, tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_ping_resumes_after_each_of_ten_daemon_restarts(image: GuestImage, tmp_path: Path, packed: bool) -> None:
     count = 500  # 25 s at 0.05 s: longer than 10 restarts take
     config = NetConfig(name="rs-ping", mode="responder", peer_ip=PEER_IP, mac=MAC)
     with VhostUserRig(image, tmp_path, transport="vhost-vdpa", timeout=240) as rig:
-        rig.add_net(config)
+        rig.add_net(config, packed=packed)
         backend = _adopt(rig, lambda: NetDevice(config))
         restarter = Restarter(rig, backend, rig.nodes[NODE], busy=6)
         restarter.start()
@@ -133,8 +134,10 @@ def test_ping_resumes_after_each_of_ten_daemon_restarts(image: GuestImage, tmp_p
     ping = run.result("ping")
     lost = ping["transmitted"] - ping["received"]
     resent = sum(n for idx, n in stats.requeued_by_queue.items() if idx % 2)  # transmit queues are odd
-    _report("net", restarter, f"ping {ping['received']}/{ping['transmitted']} answered, {lost} lost "
-            f"({ping['loss_pct']} %), {resent} tx frames waiting in the ring at the replays")  # fmt: skip
+    waiting = "not counted (packed)" if packed else str(resent)
+    layout = "packed" if packed else "split"
+    _report(f"net {layout}", restarter, f"ping {ping['received']}/{ping['transmitted']} answered, {lost} lost "
+            f"({ping['loss_pct']} %), tx frames waiting in the rings at the replays: {waiting}")  # fmt: skip
     assert ping["transmitted"] == count and ping["received"] > 0
     assert lost <= RESTARTS * 20  # a pause of up to ~1 s per restart
     assert (stats.outages, stats.replays, stats.gave_up) == (RESTARTS, RESTARTS, False)
@@ -145,12 +148,15 @@ def test_ping_resumes_after_each_of_ten_daemon_restarts(image: GuestImage, tmp_p
     assert run.boot.guest_rc == 0 and run.boot.returncode == 0, run.boot.tail()
 
 
-def test_blk_verify_loses_nothing_across_ten_daemon_restarts(image: GuestImage, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("packed", "num_queues"), [(False, 1), (True, 2)], ids=["split", "packed-2queues"])
+def test_blk_verify_loses_nothing_across_ten_daemon_restarts(
+    image: GuestImage, tmp_path: Path, packed: bool, num_queues: int
+) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(16 << 20))
-    config = BlkConfig(name="rs-blk", path=str(disk), num_queues=1)
+    config = BlkConfig(name="rs-blk", path=str(disk), num_queues=num_queues)
     with VhostUserRig(image, tmp_path / "logs", transport="vhost-vdpa", timeout=240) as rig:
-        rig.add_blk(config)
+        rig.add_blk(config, packed=packed)
         backend = _adopt(rig, lambda: BlkDevice(config))
         restarter = Restarter(rig, backend, rig.nodes[NODE], busy=50)
         restarter.start()
@@ -163,8 +169,10 @@ def test_blk_verify_loses_nothing_across_ten_daemon_restarts(image: GuestImage, 
         stats = server.ops.stats
     assert restarter.error is None, restarter.error
     verify = run.result("blk-verify")
-    _report("blk", restarter, f"{verify['passes']} passes, {verify['blocks_written']} blocks written, "
-            f"longest guest request {verify['longest_request_ms']} ms, {stats.requeued} requests re-run")  # fmt: skip
+    rerun = "not counted (packed)" if packed else str(stats.requeued)
+    kind = f"blk {'packed' if packed else 'split'} x{num_queues}"
+    _report(kind, restarter, f"{verify['passes']} passes, {verify['blocks_written']} blocks written, "
+            f"longest guest request {verify['longest_request_ms']} ms, requests re-run: {rerun}")  # fmt: skip
     assert verify["ok"] is True, verify
     assert verify["write_errors"] == verify["read_errors"] == verify["mismatches"] == 0
     assert verify["passes"] >= 2
