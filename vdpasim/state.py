@@ -64,7 +64,7 @@ MAGIC = b"VDPASTAT"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sIII")  # magic, version, payload length, crc32 of the payload
 STATE_SUFFIX = ".state"
-CHECKPOINT_SECONDS = 0.2  # how often a changed device's counters and positions are written
+CHECKPOINT_SECONDS = 0.1  # how often a changed device's counters and positions are written
 MAX_PAYLOAD = 1 << 20  # a device's state is a few KiB; a larger length field is corruption
 
 
