@@ -92,6 +92,7 @@ __all__ = [
 log = logging.getLogger("vdpasim.daemon")
 
 RAM_DISK_SUFFIX = ".ramdisk"
+ENV_TEST_FAULTS = "VDPASIM_TEST_FAULTS"  # "1": the control socket takes the test-only ``test_fault`` operation
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 _SECTOR = 512
 
@@ -507,6 +508,8 @@ class ControlHandler:
             },
             "daemon_stop": self._daemon_stop,
         }
+        if os.environ.get(ENV_TEST_FAULTS) == "1":
+            self._ops["test_fault"] = self._test_fault
 
     def handle(self, data: bytes, *, truncated: bool = False, sender_pid: int = 0) -> list[bytes]:
         """The reply datagrams to one request datagram.
@@ -532,6 +535,15 @@ class ControlHandler:
             log.exception("control: %s failed", request.op)
             return [encode_response(Response(request.seq, errno=errno.EIO, error=f"internal error: {exc!r}"))]
         return [encode_response(Response(request.seq, result))]
+
+    def _test_fault(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Test-only (``VDPASIM_TEST_FAULTS=1`` in the daemon's environment): make the data-path thread of
+        device ``args["device"]`` crash at its next burst, as a bug would."""
+        vdev = self.bus.get(str(args.get("device")))
+        vdev.device.datapath.inject_fault = RuntimeError(f"injected fault in {vdev.name}'s data path")
+        vdev.device.datapath.wake()
+        log.warning("control: a data-path crash injected into %s (test hook)", vdev.name)
+        return {"device": vdev.name}
 
     def _daemon_stop(self, args: Mapping[str, Any]) -> dict[str, Any]:
         self.stop_requested = True
