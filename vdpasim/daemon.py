@@ -20,6 +20,12 @@ waits for its lock to be released.
 
 A front-end that leaves is handled by the vhost-user server: its session resets the device and
 unmaps guest memory and closes every fd it received; the device and its counters stay.
+
+Devices outlive the daemon (user mode): each has a state file, ``<runtime>/<name>.state``
+(vdpasim/state.py), written at ``dev add``, checkpointed while its counters or status change, and
+removed by ``dev del``; a RAM disk is the file ``<runtime>/<name>.ramdisk``. A daemon starting on the
+directory re-creates the devices from their files (``DaemonBus.restore``) before it serves its control
+socket; see docs/reliability.md.
 """
 
 from __future__ import annotations
