@@ -98,6 +98,7 @@ __all__ = [
 log = logging.getLogger("vdpasim.daemon")
 
 RAM_DISK_SUFFIX = ".ramdisk"
+CLIENT_SOCKET_SUFFIX = ".qemu.sock"  # where a front-end listens for a device in the vhost-user client role
 ENV_TEST_FAULTS = "VDPASIM_TEST_FAULTS"  # "1": the control socket takes the test-only ``test_fault`` operation
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 _SECTOR = 512
@@ -132,9 +133,12 @@ class DaemonBus(Bus):
 
     persistent = True  # devices keep a state file in the runtime directory (user mode; see vdpasim/state.py)
 
-    def __init__(self, runtime: RuntimeDir) -> None:
+    def __init__(self, runtime: RuntimeDir, *, vhost_user: str = "server") -> None:
         super().__init__()
         self.runtime = runtime
+        # "server": a device listens on <name>.vhost-user.sock; "client": it connects to <name>.qemu.sock,
+        # where the front-end listens. Chosen for new devices; a re-created device keeps its own.
+        self.vhost_user_role = vhost_user
         self.servers: dict[str, VhostUserServer] = {}
         self._nodes: dict[str, int] = {}  # device -> N of /dev/vhost-vdpa-N, as the bypass will serve it
         self.states: dict[str, DeviceState] = {}  # device -> its state file's contents, as last written
@@ -217,6 +221,7 @@ class DaemonBus(Bus):
             runtime_dir=str(self.runtime.path),
             request=request,
             vhost_user_socket=vdev.vhost_user_path,
+            vhost_user_role=(self.servers[vdev.name].connect and "client") or "server",
             vhost_vdpa_node=self._nodes.get(vdev.name),
             ram_disk=str(self._ram_disk_path(vdev.name)) if getattr(vdev.config, "path", 1) is None else None,
             created_at=previous.created_at if previous is not None else time.time(),
@@ -350,7 +355,10 @@ class DaemonBus(Bus):
         from bridge.vhost_user.server import VhostUserServer
 
         path = self.runtime.vhost_user_socket(vdev.name)
-        server = VhostUserServer(vdev.device, os.fspath(path), name=vdev.name)
+        role = self._restoring.vhost_user_role if self._restoring is not None else self.vhost_user_role
+        if role == "client":
+            path = path.with_name(f"{vdev.name}{CLIENT_SOCKET_SUFFIX}")
+        server = VhostUserServer(vdev.device, os.fspath(path), name=vdev.name, connect=role == "client")
         try:
             server.start()
         except OSError as exc:
@@ -575,10 +583,10 @@ def configure_logging(level: str = "info") -> None:
 class Daemon:
     """One daemon on one runtime directory. ``run()`` returns the exit status."""
 
-    def __init__(self, runtime: RuntimeDir, mode: str = "user") -> None:
+    def __init__(self, runtime: RuntimeDir, mode: str = "user", vhost_user: str = "server") -> None:
         self.runtime = runtime
         self.mode = mode
-        self.bus = KernelBus(runtime) if mode == "kernel" else DaemonBus(runtime)
+        self.bus = KernelBus(runtime) if mode == "kernel" else DaemonBus(runtime, vhost_user=vhost_user)
         self.started = time.time()
         self.handler = ControlHandler(self.bus, self._info)
         self._wake_r, self._wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -846,4 +854,4 @@ def run_foreground(args: argparse.Namespace) -> int:
                 "family (modprobe vdpa); use --mode user for the userspace bus"
             )
             return 1
-    return Daemon(runtime_dir(), mode).run()
+    return Daemon(runtime_dir(), mode, getattr(args, "vhost_user", "server")).run()

@@ -89,6 +89,7 @@ class DeviceState:
     request: dict[str, Any] = field(default_factory=dict)
     mac: str | None = None  # the MAC now (dev set changes it)
     vhost_user_socket: str | None = None
+    vhost_user_role: str = "server"  # "client": the daemon connects to a front-end listening on the socket
     vhost_vdpa_node: int | None = None
     ram_disk: str | None = None  # a RAM blk device's disk file, under the runtime directory
     # What the driver had reached (at the last checkpoint).
@@ -144,6 +145,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "request": (dict,),
     "mac": (str, type(None)),
     "vhost_user_socket": (str, type(None)),
+    "vhost_user_role": (str,),
     "vhost_vdpa_node": (int, type(None)),
     "ram_disk": (str, type(None)),
     "driver_features": (int,),

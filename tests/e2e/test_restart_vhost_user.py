@@ -82,17 +82,19 @@ def _wait_progress(daemon: DaemonProcess, name: str, timeout: float = 30.0, *, b
     raise AssertionError(f"{name}: nothing served within {timeout} s\n{daemon.log()[-3000:]}")
 
 
-def _kill_restart_cycles(daemon: DaemonProcess, name: str, vm: GuestVM, rng: random.Random) -> list[float]:
-    """CYCLES times: let the device serve a random while, kill -9 the daemon, start a new one on the same
-    runtime directory; the pause of each (kill to the first buffer served after it), in seconds."""
+def _kill_restart_cycles(
+    daemon: DaemonProcess, name: str, vm: GuestVM, rng: random.Random, cycles: int = CYCLES
+) -> list[float]:
+    """``cycles`` times: let the device serve a random while, kill -9 the daemon, start a new one on the
+    same runtime directory; the pause of each (kill to the first buffer served after it), in seconds."""
     pauses = []
     current = daemon
-    for cycle in range(CYCLES):
+    for cycle in range(cycles):
         time.sleep(rng.uniform(0.2, 1.2))
         assert vm.proc is not None and vm.proc.poll() is None, f"QEMU exited during cycle {cycle}"
         killed = time.monotonic()
         assert current.stop(signal.SIGKILL) == -signal.SIGKILL
-        current = DaemonProcess(daemon.runtime, log_level="info").start()
+        current = DaemonProcess(daemon.runtime, log_level="info", args=daemon.args).start()
         assert f"re-created 1 device(s) from their state files: {name}" in current.log(), current.log()
         pauses.append(_wait_progress(current, name) - killed)
     daemon.proc = current.proc  # the fixture's cleanup ends the last one
@@ -149,6 +151,42 @@ def test_blk_survives_ten_kill9_restarts_under_o_direct_writes(
     assert _unexpected_qemu_lines(result.qemu_output) == []
     log = daemon.log()
     assert "Traceback" not in log and " ERROR " not in log, log
+
+
+def test_blk_with_qemu_as_server_and_the_daemon_reconnecting(image: GuestImage, tmp_path: Path) -> None:
+    """The reverse arrangement: QEMU listens (server=on,wait=off), the daemon's device connects to it
+    (``vdpasim daemon --vhost-user client``) and, after each restart, connects again."""
+    warm_up_kernels()
+    with DaemonProcess(log_level="info", args=("--vhost-user", "client")) as daemon:
+        daemon.cli("dev", "add", "name", "rc0", "mgmtdev", "vdpasim_blk", "capacity", "16M")
+        sock = daemon.runtime.path / "rc0.qemu.sock"
+        assert daemon.json("-x", "dev", "show", "rc0")["dev"]["rc0"]["vhost_user_socket"] == str(sock)
+        args = [
+            "-chardev", f"socket,id=vu0,path={sock},server=on,wait=off",
+            "-device", "vhost-user-blk-pci,id=disk0,chardev=vu0,num-queues=1",
+        ]  # fmt: skip
+        vm = GuestVM(
+            image,
+            "blk-verify",
+            {"verify_seconds": 15, "size": 1 << 20, "seed": 3},
+            args,
+            shared_memory=True,
+            memory_mb=512,
+            accel="tcg,thread=single",
+            log_path=tmp_path / "console.log",
+            timeout=120,
+        )
+        with vm:
+            _wait_progress(daemon, "rc0", timeout=60, buffers=1000)
+            pauses = _kill_restart_cycles(daemon, "rc0", vm, random.Random(8), cycles=3)
+            result = vm.wait()
+        result.check()
+        verify = result.result("blk-verify")
+        _report("blk, QEMU as server", pauses, f"; guest: longest request {verify['longest_request_ms']:.0f} ms")
+        assert (verify["write_errors"], verify["read_errors"], verify["mismatches"], verify["ok"]) == (0, 0, 0, True)
+        assert [line for line in result.kmsg if KMSG_PROBLEMS.search(line)] == []
+        log = daemon.log()
+        assert "Traceback" not in log and " ERROR " not in log, log
 
 
 def test_net_ping_resumes_after_ten_kill9_restarts(image: GuestImage, daemon: DaemonProcess, tmp_path: Path) -> None:
