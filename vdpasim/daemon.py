@@ -229,7 +229,18 @@ class DaemonBus(Bus):
             sequence=previous.sequence if previous is not None else 0,
         )
         self.states[vdev.name] = state
-        self.checkpoint(vdev.name, force=True)
+        if previous is None:
+            self.checkpoint(vdev.name, force=True)
+            return
+        # Re-created: until its front-end starts it again, the file keeps what the dead daemon had reached
+        # (a daemon killed again meanwhile must find it); _restore_one writes it once the counters are back.
+        state.driver_features, state.status, state.generation = (
+            previous.driver_features,
+            previous.status,
+            previous.generation,
+        )
+        state.queues = [dict(q) for q in previous.queues]
+        self._awaiting.add(vdev.name)
 
     def _snapshot(self, vdev: VdpaDevice) -> tuple:
         device = vdev.device
@@ -337,7 +348,6 @@ class DaemonBus(Bus):
         device._generation = (state.generation + 1) & 0xFFFFFFFF  # the config may have changed meanwhile
         if isinstance(device, NetDevice):
             device.restore_after_restart(state.queues, state.status, state.driver_features)
-        self._awaiting.add(vdev.name)
         self.checkpoint(vdev.name, force=True)
         log.info(
             "%s: re-created from its state file (written by pid %d %.1f s ago, status %#x, features %#x, "
