@@ -645,4 +645,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="kernel: devices through VDUSE on the kernel's vDPA bus; user: the userspace bus (vhost-user); "
         "auto (default): kernel where /dev/vduse/control and the kernel's vdpa family exist, else user",
     )
+    daemon.add_argument(
+        "--vhost-user",
+        default="server",
+        choices=("server", "client"),
+        help="server (default): each new device listens on <runtime>/<name>.vhost-user.sock (QEMU connects, "
+        "reconnect=1); client: each new device connects to <runtime>/<name>.qemu.sock, where QEMU listens "
+        "(server=on,wait=off), and again after every restart (docs/reliability.md)",
+    )
     daemon.set_defaults(handler=_cmd_daemon)

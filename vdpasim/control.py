@@ -52,6 +52,7 @@ MAX_MESSAGE = 64 * 1024
 OPS: dict[str, str | None] = {
     "daemon_get": None,
     "daemon_stop": None,
+    "test_fault": None,  # test-only: answered by a daemon started with VDPASIM_TEST_FAULTS=1, refused otherwise
 }
 # Ops answered as a dump (several parts) when they name no object: none today.
 DUMP_OPS: frozenset[str] = frozenset()

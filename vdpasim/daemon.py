@@ -20,6 +20,12 @@ waits for its lock to be released.
 
 A front-end that leaves is handled by the vhost-user server: its session resets the device and
 unmaps guest memory and closes every fd it received; the device and its counters stay.
+
+Devices outlive the daemon (user mode): each has a state file, ``<runtime>/<name>.state``
+(vdpasim/state.py), written at ``dev add``, checkpointed while its counters or status change, and
+removed by ``dev del``; a RAM disk is the file ``<runtime>/<name>.ramdisk``. A daemon starting on the
+directory re-creates the devices from their files (``DaemonBus.restore``) before it serves its control
+socket; see docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -41,10 +47,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .bus.model import VDPASIM_BLK, VDPASIM_NET, Bus, BusError, DevSetConfig, MgmtDev, VdpaDevice
 from .bus.server import VdpaNetlinkServer, datagrams
+from .config import BlkConfig, format_mac, parse_mac
 from .control import (
     MAX_MESSAGE,
     ControlClient,
@@ -52,8 +60,22 @@ from .control import (
     decode_request,
     encode_response,
 )
+from .devices.blk import BlkBacking, BlkDevice
+from .devices.net import NetDevice
 from .errors import CodecError, DeviceRequestError, VdpasimError
 from .runtime import ENV_RUNTIME_DIR, DaemonRunning, RuntimeDir, runtime_dir
+from .state import (
+    CHECKPOINT_SECONDS,
+    STATE_SUFFIX,
+    DeviceState,
+    StateError,
+    read_state,
+    remove_state,
+    state_path,
+    write_state,
+)
+from .virtio.constants import VIRTIO_CONFIG_S_DRIVER_OK
+from .virtqueue import COUNTERS
 
 if TYPE_CHECKING:
     from bridge.vhost_user.server import VhostUserServer
@@ -75,6 +97,9 @@ __all__ = [
 
 log = logging.getLogger("vdpasim.daemon")
 
+RAM_DISK_SUFFIX = ".ramdisk"
+CLIENT_SOCKET_SUFFIX = ".qemu.sock"  # where a front-end listens for a device in the vhost-user client role
+ENV_TEST_FAULTS = "VDPASIM_TEST_FAULTS"  # "1": the control socket takes the test-only ``test_fault`` operation
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 _SECTOR = 512
 
@@ -106,11 +131,26 @@ class DaemonBus(Bus):
     cannot start refuses the add, with a vdpasim extack, and leaves nothing behind.
     """
 
-    def __init__(self, runtime: RuntimeDir) -> None:
+    persistent = True  # devices keep a state file in the runtime directory (user mode; see vdpasim/state.py)
+
+    def __init__(self, runtime: RuntimeDir, *, vhost_user: str = "server") -> None:
         super().__init__()
         self.runtime = runtime
+        # "server": a device listens on <name>.vhost-user.sock; "client": it connects to <name>.qemu.sock,
+        # where the front-end listens. Chosen for new devices; a re-created device keeps its own.
+        self.vhost_user_role = vhost_user
         self.servers: dict[str, VhostUserServer] = {}
         self._nodes: dict[str, int] = {}  # device -> N of /dev/vhost-vdpa-N, as the bypass will serve it
+        self.states: dict[str, DeviceState] = {}  # device -> its state file's contents, as last written
+        self._written: dict[str, tuple] = {}  # device -> the snapshot last written (skip unchanged ones)
+        self._state_lock = threading.Lock()
+        self._restoring: DeviceState | None = None  # set while a device is re-created from its state file
+        self._awaiting: set[str] = set()  # re-created devices whose front-end has not started them again
+        if self.persistent:
+            # A RAM disk lives in a file of the runtime directory, so it survives the daemon (kill -9 too).
+            self.mgmtdevs = tuple(
+                dataclasses.replace(m, build_device=self._build_blk) if m is VDPASIM_BLK else m for m in self.mgmtdevs
+            )
 
     def add(
         self, name: str | None, mgmtdev: str | None, config: DevSetConfig | None = None, **kwargs: Any
@@ -125,27 +165,232 @@ class DaemonBus(Bus):
             self._serve(vdev)
         except BusError:
             super().delete(vdev.name)
+            self._remove_ram_disk(vdev.name)
             raise
+        if self.persistent:
+            self._create_state(vdev, config or DevSetConfig())
         return vdev
+
+    # ----- state files -----
+    def _ram_disk_path(self, name: str) -> Path:
+        return self.runtime.path / f"{name}{RAM_DISK_SUFFIX}"
+
+    def _build_blk(self, config: BlkConfig) -> BlkDevice:
+        if config.path is not None:
+            return BlkDevice(config)
+        path = self._ram_disk_path(config.name)
+        size = (config.capacity or 0) * 512
+        restoring = self._restoring is not None
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (0 if restoring else os.O_CREAT | os.O_TRUNC)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise DeviceRequestError(f"RAM disk {path}: {exc.strerror}", errno=exc.errno) from None
+        try:
+            if restoring:
+                have = os.fstat(fd).st_size
+                if have != size:
+                    raise DeviceRequestError(f"RAM disk {path} has {have} bytes, the device had {size}")
+            else:
+                os.ftruncate(fd, size)
+            backing = BlkBacking(fd, size, persistent=False, writable=True, path=os.fspath(path))
+        except OSError as exc:
+            os.close(fd)
+            raise DeviceRequestError(f"RAM disk {path}: {exc.strerror}", errno=exc.errno) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return BlkDevice(config, backing=backing)
+
+    def _remove_ram_disk(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._ram_disk_path(name))
+
+    def _create_state(self, vdev: VdpaDevice, config: DevSetConfig) -> None:
+        previous = self._restoring
+        request = {
+            "mac": format_mac(config.mac) if config.mac is not None else None,
+            "mtu": config.mtu,
+            "max_vqp": config.max_vqp,
+            "device_features": config.device_features,
+            "extension": dict(config.extension),
+        }
+        state = DeviceState(
+            name=vdev.name,
+            mgmtdev=vdev.mgmtdev.name,
+            runtime_dir=str(self.runtime.path),
+            request=request,
+            vhost_user_socket=vdev.vhost_user_path,
+            vhost_user_role=(self.servers[vdev.name].connect and "client") or "server",
+            vhost_vdpa_node=self._nodes.get(vdev.name),
+            ram_disk=str(self._ram_disk_path(vdev.name)) if getattr(vdev.config, "path", 1) is None else None,
+            created_at=previous.created_at if previous is not None else time.time(),
+            restarts=previous.restarts + 1 if previous is not None else 0,
+            sequence=previous.sequence if previous is not None else 0,
+        )
+        self.states[vdev.name] = state
+        if previous is None:
+            self.checkpoint(vdev.name, force=True)
+            return
+        # Re-created: until its front-end starts it again, the file keeps what the dead daemon had reached
+        # (a daemon killed again meanwhile must find it); _restore_one writes it once the counters are back.
+        state.driver_features, state.status, state.generation = (
+            previous.driver_features,
+            previous.status,
+            previous.generation,
+        )
+        state.queues = [dict(q) for q in previous.queues]
+        self._awaiting.add(vdev.name)
+
+    def _snapshot(self, vdev: VdpaDevice) -> tuple:
+        device = vdev.device
+        queues = tuple(
+            tuple(int(vq.record[f]) for f in (*COUNTERS, "last_avail", "avail_wrap", "used_idx", "used_wrap"))
+            for vq in device.vqs
+        )
+        mac = format_mac(device.mac) if isinstance(device, NetDevice) else None
+        extra = tuple(sorted(getattr(device, "restart_drops", {}).items()))
+        return (device.get_driver_features(), device.get_status(), device.get_generation(), mac, queues, extra)
+
+    def checkpoint(self, name: str | None = None, *, force: bool = False) -> int:
+        """Write the state file of ``name`` (every device if None) if it changed; how many were written."""
+        if not self.persistent:
+            return 0
+        written = 0
+        with self._state_lock:
+            for vdev in self.devices() if name is None else [self.get(name)]:
+                state = self.states.get(vdev.name)
+                if state is None:
+                    continue
+                snapshot = self._snapshot(vdev)
+                if not force and self._written.get(vdev.name) == snapshot:
+                    continue
+                features, status, generation, mac, queues, extra = snapshot
+                names = (*COUNTERS, "last_avail", "avail_wrap", "used_idx", "used_wrap")
+                current = [dict(zip(names, q, strict=True)) for q in queues]
+                if vdev.name in self._awaiting and not status & VIRTIO_CONFIG_S_DRIVER_OK:
+                    # Re-created, the front-end not back yet: keep what the dead daemon had reached (a
+                    # daemon killed again now must find it), update only the counters.
+                    for now, before in zip(current, state.queues, strict=False):
+                        for key in ("last_avail", "avail_wrap", "used_idx", "used_wrap"):
+                            now[key] = before.get(key, now[key])
+                    features, status = state.driver_features, state.status
+                else:
+                    self._awaiting.discard(vdev.name)
+                state.driver_features, state.status, state.generation, state.mac = features, status, generation, mac
+                state.queues = current
+                for qidx, drops in extra:
+                    state.queues[qidx]["restart_drops"] = drops
+                try:
+                    write_state(state_path(self.runtime.path, vdev.name), state)
+                except OSError as exc:
+                    log.warning("%s: cannot write its state file: %s", vdev.name, exc)
+                    continue
+                self._written[vdev.name] = snapshot
+                written += 1
+        return written
+
+    def restore(self) -> list[str]:
+        """Re-create the devices whose state files a previous daemon left; the names re-created.
+
+        A file that cannot be used is logged (its path and what is wrong), renamed ``*.refused`` so that the
+        device can be added again, and skipped: the other devices are re-created all the same.
+        """
+        if not self.persistent:
+            return []
+        for tmp in self.runtime.path.glob(f".*{STATE_SUFFIX}.*.tmp"):  # a write cut short by a kill
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        loaded: list[tuple[Path, DeviceState]] = []
+        for path in sorted(self.runtime.path.glob(f"*{STATE_SUFFIX}")):
+            try:
+                loaded.append((path, read_state(path, runtime_dir=self.runtime.path)))
+            except StateError as exc:
+                self._refuse_state(path, str(exc))
+        restored = []
+        # In the order they were added (the bus order); each asks for its own node number back.
+        for path, state in sorted(loaded, key=lambda item: (item[1].created_at, item[1].name)):
+            try:
+                self._restore_one(state)
+            except (VdpasimError, OSError, ValueError, TypeError) as exc:
+                self._refuse_state(path, f"state file {path}: cannot re-create device {state.name!r}: {exc}")
+                continue
+            restored.append(state.name)
+        return restored
+
+    def _refuse_state(self, path: Path, message: str) -> None:
+        refused = path.with_name(path.name + ".refused")
+        with contextlib.suppress(OSError):
+            os.replace(path, refused)
+        log.error("%s; kept as %s, the device is not re-created (add it again)", message, refused.name)
+
+    def _restore_one(self, state: DeviceState) -> None:
+        request = state.request
+        mac = request.get("mac")
+        config = DevSetConfig(
+            mac=parse_mac(mac) if mac is not None else None,
+            mtu=request.get("mtu"),
+            max_vqp=request.get("max_vqp"),
+            device_features=request.get("device_features"),
+            extension=dict(request.get("extension") or {}),
+        )
+        self._restoring = state
+        try:
+            vdev = self.add(state.name, state.mgmtdev, config)
+        finally:
+            self._restoring = None
+        device = vdev.device
+        if state.mac is not None and isinstance(device, NetDevice) and format_mac(device.mac) != state.mac:
+            device.set_mac(parse_mac(state.mac))
+        for vq, saved in zip(device.vqs, state.queues, strict=False):
+            for name in COUNTERS:
+                vq.record[name] = int(saved.get(name, 0))
+        device._generation = (state.generation + 1) & 0xFFFFFFFF  # the config may have changed meanwhile
+        if isinstance(device, NetDevice):
+            device.restore_after_restart(state.queues, state.status, state.driver_features)
+        self.checkpoint(vdev.name, force=True)
+        log.info(
+            "%s: re-created from its state file (written by pid %d %.1f s ago, status %#x, features %#x, "
+            "restart %d); waiting for the front-end to reconnect on %s",
+            state.name,
+            state.written_by,
+            max(time.time() - state.written_at, 0.0),
+            state.status,
+            state.driver_features,
+            state.restarts + 1,
+            vdev.vhost_user_path,
+        )
 
     def _serve(self, vdev: VdpaDevice) -> None:
         from bridge.vhost_user.server import VhostUserServer
 
         path = self.runtime.vhost_user_socket(vdev.name)
-        server = VhostUserServer(vdev.device, os.fspath(path), name=vdev.name)
+        role = self._restoring.vhost_user_role if self._restoring is not None else self.vhost_user_role
+        if role == "client":
+            path = path.with_name(f"{vdev.name}{CLIENT_SOCKET_SUFFIX}")
+        server = VhostUserServer(vdev.device, os.fspath(path), name=vdev.name, connect=role == "client")
         try:
             server.start()
         except OSError as exc:
             text = f"cannot serve {path}: {exc.strerror}"
             raise BusError(text, errno=exc.errno or errno.EIO, extack=f"vdpasim: {text}") from None
-        node = min(set(range(len(self._nodes) + 1)) - set(self._nodes.values()))
+        taken = set(self._nodes.values())
+        wanted = self._restoring.vhost_vdpa_node if self._restoring is not None else None
+        if wanted is not None and wanted not in taken:
+            node = wanted
+        else:
+            node = min(set(range(len(self._nodes) + 1)) - taken)
+            if wanted is not None:
+                log.warning("%s: /dev/vhost-vdpa-%d is taken; now /dev/vhost-vdpa-%d", vdev.name, wanted, node)
         self._nodes[vdev.name] = node
         self.servers[vdev.name] = server
         vdev.vhost_user_path = server.path
         vdev.vhost_vdpa_node = f"/dev/vhost-vdpa-{node}"
         log.info("%s: added (%s), vhost-user socket %s", vdev.name, vdev.mgmtdev.name, server.path)
 
-    def delete(self, name: str | None) -> None:
+    def delete(self, name: str | None, *, keep_state: bool = False) -> None:
+        """Stop serving the device and delete it; its state file (and RAM disk file) go too, unless
+        ``keep_state`` (the daemon stops, and the next one re-creates the device)."""
         vdev = self.get(name)
         server = self.servers.pop(vdev.name, None)
         self._nodes.pop(vdev.name, None)
@@ -153,7 +398,20 @@ class DaemonBus(Bus):
             if server is not None:
                 server.stop()  # a connected front-end sees the socket close; the session resets the device
         finally:
+            with self._state_lock:
+                self.states.pop(vdev.name, None)
+                self._written.pop(vdev.name, None)
+                self._awaiting.discard(vdev.name)
             super().delete(vdev.name)
+            if self.persistent and not keep_state:
+                remove_state(state_path(self.runtime.path, vdev.name))
+                self._remove_ram_disk(vdev.name)
+
+    def close(self) -> None:
+        """The daemon stops: a last checkpoint, then every device is stopped; their state files stay."""
+        self.checkpoint()
+        for vdev in reversed(self.devices()):
+            self.delete(vdev.name, keep_state=True)
 
     def connections(self) -> dict[str, int]:
         """Front-end connections each device's vhost-user server has accepted so far."""
@@ -204,7 +462,10 @@ KERNEL_MGMTDEVS: tuple[MgmtDev, ...] = (dataclasses.replace(VDPASIM_NET, build_c
 class KernelBus(DaemonBus):
     """The daemon's bus in kernel mode: a device is created through ``/dev/vduse/control`` and added
     to the kernel's vDPA bus (mgmtdev ``vduse``) under its name; ``delete`` undoes both. No vhost-user
-    socket: the kernel's drivers (virtio_vdpa, vhost_vdpa) are its front-ends."""
+    socket: the kernel's drivers (virtio_vdpa, vhost_vdpa) are its front-ends. No state files: a VDUSE
+    device goes with the daemon that created it."""
+
+    persistent = False
 
     def __init__(self, runtime: RuntimeDir) -> None:
         super().__init__(runtime)
@@ -230,7 +491,7 @@ class KernelBus(DaemonBus):
         self.vduse[vdev.name] = vduse
         log.info("%s: added (%s) through VDUSE on the kernel's vDPA bus", vdev.name, vdev.mgmtdev.name)
 
-    def delete(self, name: str | None) -> None:
+    def delete(self, name: str | None, *, keep_state: bool = False) -> None:
         vdev = self.get(name)
         vduse = self.vduse.pop(vdev.name, None)
         try:
@@ -271,6 +532,8 @@ class ControlHandler:
             },
             "daemon_stop": self._daemon_stop,
         }
+        if os.environ.get(ENV_TEST_FAULTS) == "1":
+            self._ops["test_fault"] = self._test_fault
 
     def handle(self, data: bytes, *, truncated: bool = False, sender_pid: int = 0) -> list[bytes]:
         """The reply datagrams to one request datagram.
@@ -287,6 +550,9 @@ class ControlHandler:
         except CodecError as exc:
             log.warning("control: malformed request: %s", exc)
             return [encode_response(Response(0, errno=exc.errno, error=str(exc)))]
+        if request.op not in self._ops:  # known to the codec, not served here (test_fault without its variable)
+            error = f"unknown operation {request.op!r}"
+            return [encode_response(Response(request.seq, errno=errno.EOPNOTSUPP, error=error))]
         try:
             result = self._ops[request.op](request.args)
         except VdpasimError as exc:
@@ -296,6 +562,15 @@ class ControlHandler:
             log.exception("control: %s failed", request.op)
             return [encode_response(Response(request.seq, errno=errno.EIO, error=f"internal error: {exc!r}"))]
         return [encode_response(Response(request.seq, result))]
+
+    def _test_fault(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Test-only (``VDPASIM_TEST_FAULTS=1`` in the daemon's environment): make the data-path thread of
+        device ``args["device"]`` crash at its next burst, as a bug would."""
+        vdev = self.bus.get(str(args.get("device")))
+        vdev.device.datapath.inject_fault = RuntimeError(f"injected fault in {vdev.name}'s data path")
+        vdev.device.datapath.wake()
+        log.warning("control: a data-path crash injected into %s (test hook)", vdev.name)
+        return {"device": vdev.name}
 
     def _daemon_stop(self, args: Mapping[str, Any]) -> dict[str, Any]:
         self.stop_requested = True
@@ -321,10 +596,10 @@ def configure_logging(level: str = "info") -> None:
 class Daemon:
     """One daemon on one runtime directory. ``run()`` returns the exit status."""
 
-    def __init__(self, runtime: RuntimeDir, mode: str = "user") -> None:
+    def __init__(self, runtime: RuntimeDir, mode: str = "user", vhost_user: str = "server") -> None:
         self.runtime = runtime
         self.mode = mode
-        self.bus = KernelBus(runtime) if mode == "kernel" else DaemonBus(runtime)
+        self.bus = KernelBus(runtime) if mode == "kernel" else DaemonBus(runtime, vhost_user=vhost_user)
         self.started = time.time()
         self.handler = ControlHandler(self.bus, self._info)
         self._wake_r, self._wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -365,6 +640,11 @@ class Daemon:
         try:
             for path in self.runtime.remove_stale_sockets():
                 log.info("removed a stale socket %s (its daemon is gone)", path)
+            restored = self.bus.restore()  # before the control socket answers: a ready daemon serves them all
+            if restored:
+                log.info("re-created %d device(s) from their state files: %s", len(restored), ", ".join(restored))
+            checkpoints = threading.Thread(target=self._checkpoint_loop, name="vdpasim-checkpoint", daemon=True)
+            checkpoints.start()
             listener = self._listen()
             log.info(
                 "serving %s in %s mode (pid %d, control socket %s)",
@@ -388,6 +668,17 @@ class Daemon:
             self._wake_w.close()
         log.info("stopped")
         return 0
+
+    def _checkpoint_loop(self) -> None:
+        """Write the state files of devices that changed, every CHECKPOINT_SECONDS, until the daemon stops."""
+        while not self._stopping:
+            time.sleep(CHECKPOINT_SECONDS)
+            try:
+                self.bus.checkpoint()
+            except BusError:
+                continue  # a device deleted meanwhile
+            except Exception:
+                log.exception("checkpoint failed")
 
     def _listen(self) -> socket.socket:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -576,4 +867,4 @@ def run_foreground(args: argparse.Namespace) -> int:
                 "family (modprobe vdpa); use --mode user for the userspace bus"
             )
             return 1
-    return Daemon(runtime_dir(), mode).run()
+    return Daemon(runtime_dir(), mode, getattr(args, "vhost_user", "server")).run()

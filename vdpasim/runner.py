@@ -42,6 +42,9 @@ class DataPath:
         self._running = False  # the thread is in _run (False once it returned, even after a crash)
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        # Test-only fault hook: the next burst raises this instead of serving (a data-path thread that
+        # crashes with a bug). Set by tests, or through the daemon's ``test_fault`` control operation.
+        self.inject_fault: BaseException | None = None
 
     # --- control side ---
     def start(self) -> None:
@@ -112,15 +115,24 @@ class DataPath:
                     self._poll_once(queues)
                 else:
                     self._wait_and_serve(queues)
-        except BaseException as exc:  # a bug in a device must not pass silently
+        except BaseException as exc:  # a bug in a device must not pass silently, nor take others down
             self.error = exc
             log.exception("data path of %s stopped", self.device.name)
+            crashed = getattr(self.device, "datapath_crashed", None)
+            if crashed is not None:
+                try:
+                    crashed(exc)  # the device goes NEEDS_RESET; a reset starts a new thread
+                except Exception:
+                    log.exception("%s: reporting the crash failed", self.device.name)
         finally:
             with self._state:
                 self._running = False  # nobody may wait for this thread to park any more
                 self._state.notify_all()
 
     def _serve(self, idx: int) -> None:
+        if self.inject_fault is not None:
+            fault, self.inject_fault = self.inject_fault, None
+            raise fault
         budget = 64  # bursts per wake-up before giving other queues and the control plane a turn
         while self.device.process(idx) and budget:
             budget -= 1

@@ -105,9 +105,30 @@ class BackendChannel:
 
 
 class VhostUserServer:
-    def __init__(self, device: DeviceOps, path: str, *, protocol_features: int | None = None, name: str = "") -> None:
+    """Serves ``device`` to one front-end at a time on the UNIX socket ``path``.
+
+    ``connect=False`` (the usual arrangement): the server listens on ``path``; the front-end connects
+    (QEMU ``-chardev socket,path=...[,reconnect=N]``). ``connect=True``: the front-end listens on ``path``
+    (QEMU ``-chardev socket,path=...,server=on,wait=off``) and the server connects to it, trying again
+    every ``RETRY_SECONDS`` until it is there, and again whenever the connection ends, so a back-end
+    restarted under a listening QEMU finds it by itself.
+    """
+
+    RETRY_SECONDS = 0.2
+
+    def __init__(
+        self,
+        device: DeviceOps,
+        path: str,
+        *,
+        protocol_features: int | None = None,
+        name: str = "",
+        connect: bool = False,
+    ) -> None:
         self.device = device
         self.path = path
+        self.connect = connect
+        self._retry = threading.Event()  # set by stop(): ends a wait between connection attempts
         self.protocol_features = protocol_features
         self.name = name or os.path.basename(path)
         self.log = logging.getLogger(f"vdpasim.vhost_user.server.{self.name}")
@@ -122,6 +143,11 @@ class VhostUserServer:
         self._state_lock = threading.Lock()  # stop() and a new connection: one of them sees the other
 
     def start(self) -> None:
+        if self.connect:
+            self._thread = threading.Thread(target=self._connect_loop, name=f"vhost-user-{self.name}", daemon=True)
+            self._thread.start()
+            self.log.info("connecting to the front-end's socket %s", self.path)
+            return
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -139,6 +165,7 @@ class VhostUserServer:
     def stop(self) -> None:
         with self._state_lock:
             self._stopping = True
+            self._retry.set()
             for sock in (self._listener, self._connection):
                 if sock is not None:
                     with contextlib.suppress(OSError):
@@ -147,8 +174,34 @@ class VhostUserServer:
             self._thread.join()
         if self._listener is not None:
             self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if not self.connect:  # a socket we connect to is the front-end's
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def _connect_loop(self) -> None:
+        waiting_logged = False
+        while not self._stopping:
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                connection.connect(self.path)
+            except OSError as exc:
+                connection.close()
+                if not waiting_logged:
+                    self.log.info("waiting for the front-end to listen on %s (%s)", self.path, exc.strerror)
+                    waiting_logged = True
+                self._retry.wait(self.RETRY_SECONDS)
+                continue
+            waiting_logged = False
+            with self._state_lock:
+                if self._stopping:
+                    connection.close()
+                    break
+                self._connection = connection
+            self.connections += 1
+            try:
+                self.serve(connection)
+            finally:
+                self._connection = None
 
     def _accept_loop(self) -> None:
         assert self._listener is not None

@@ -93,7 +93,9 @@ def test_signal_stops_cleanly(daemon: DaemonProcess, sig: int) -> None:
         front_end.settimeout(30)
         assert daemon.stop(sig) == 0
         assert front_end.recv(1) == b""  # EOF: the back-end closed the connection
-    assert sorted(p.name for p in daemon.runtime.path.iterdir()) == []  # sockets, pidfile: all gone
+    # Sockets and pidfile: all gone. The devices' state files (and the RAM disk's file) stay for the next
+    # daemon on the directory, which serves the devices again (docs/reliability.md).
+    assert sorted(p.name for p in daemon.runtime.path.iterdir()) == ["b1.ramdisk", "b1.state", "n1.state"]
     log = daemon.log()
     assert f"stopping on {signal.Signals(sig).name}: 2 device(s)" in log
     assert "deleted n1" in log and "deleted b1" in log and "Traceback" not in log
@@ -182,7 +184,12 @@ def test_auto_start_then_stop(runtime: RuntimeDir) -> None:
     while not process_gone(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert process_gone(pid)
-    assert sorted(p.name for p in runtime.path.iterdir()) == ["daemon.log"]
+    assert sorted(p.name for p in runtime.path.iterdir()) == [
+        "auto0.state",
+        "auto1.ramdisk",
+        "auto1.state",
+        "daemon.log",
+    ]
     log = runtime.log_file.read_text()
     assert "auto0: added (vdpasim_net)" in log and "deleted auto1" in log and log.rstrip().endswith("stopped")
     assert "no daemon serves" in run_cli(runtime, "daemon", "stop").stderr  # idempotent
@@ -228,20 +235,35 @@ def _pids_with_env(runtime_path: str) -> list[int]:
     return found
 
 
-def test_restart_after_a_killed_daemon_removes_its_sockets(runtime: RuntimeDir) -> None:
+def test_restart_after_a_killed_daemon_serves_its_devices_again(runtime: RuntimeDir) -> None:
     first = DaemonProcess(runtime).start()
-    first.cli("dev", "add", "name", "k0", "mgmtdev", "vdpasim_net")
+    first.cli("dev", "add", "name", "k0", "mgmtdev", "vdpasim_net", "mac", "02:00:00:00:00:42")
+    first.cli("dev", "add", "name", "k1", "mgmtdev", "vdpasim_blk", "capacity", "1M")
+    first.cli("dev", "del", "k0")
+    first.cli("dev", "add", "name", "k2", "mgmtdev", "vdpasim_net", "mode", "responder", "peer_ip", "10.9.0.2")
+    first.cli("dev", "set", "name", "k2", "mac", "02:00:00:00:00:43")
+    before = first.json("-x", "dev", "show")
+    config = first.json("-x", "dev", "config", "show", "k2")
     assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     left = sorted(p.name for p in runtime.path.iterdir())
-    assert {"control.sock", "k0.vhost-user.sock", "daemon.pid"} <= set(left)
+    assert {"control.sock", "k1.vhost-user.sock", "daemon.pid", "k1.state", "k2.state"} <= set(left)
+    assert "k0.state" not in left  # dev del removed it
+    assert _mode(runtime.path / "k1.state") == 0o600
     assert runtime.daemon_pid() is None  # the kernel dropped the lock with the process
     assert run_cli(runtime, "daemon", "status", check=False).returncode == 1  # a dead socket is no daemon
     second = DaemonProcess(runtime).start()
     try:
-        assert "removed a stale socket" in second.log()
-        assert not (runtime.path / "k0.vhost-user.sock").exists()
-        assert second.json("dev", "show") == {"dev": {}}
-        second.cli("dev", "add", "name", "k0", "mgmtdev", "vdpasim_net")  # the name is free again
+        log = second.log()
+        assert "removed a stale socket" in log, log
+        assert "re-created 2 device(s) from their state files: k1, k2" in log, log
+        # Same sockets, same /dev/vhost-vdpa-N numbers (k1 kept 1 although 0 is free now), same config.
+        assert second.json("-x", "dev", "show") == before
+        assert before["dev"]["k1"]["vhost_vdpa_node"] == "/dev/vhost-vdpa-1"
+        assert second.json("-x", "dev", "config", "show", "k2") == config
+        assert config["config"]["k2"]["mac"] == "02:00:00:00:00:43"
+        second.cli("dev", "del", "k1")
+        assert not (runtime.path / "k1.state").exists() and not (runtime.path / "k1.ramdisk").exists()
+        second.cli("dev", "add", "name", "k1", "mgmtdev", "vdpasim_blk")  # the name is free again
     finally:
         assert second.stop() == 0
 

@@ -414,6 +414,13 @@ class SimDevice:
         self.config_changed()
         self.datapath.wake()  # the thread re-reads its (now empty) queue set
 
+    def datapath_crashed(self, error: BaseException) -> None:
+        """The data-path thread died of ``error`` (a bug, or the test fault hook): this device alone stops,
+        goes NEEDS_RESET and says why; other devices have threads of their own and carry on. A reset (the
+        driver's, or a front-end that leaves or reconnects) clears it and the next DRIVER_OK starts a new
+        thread."""
+        self.needs_reset(DeviceFault(f"data-path thread crashed: {error!r}"))
+
     def check_queue(self, vq: Virtqueue) -> None:
         """After a kernel call: turn a recorded ring fault into NEEDS_RESET."""
         fault = vq.fault()

@@ -48,7 +48,7 @@ from ..jit.net import (
     new_net_params,
 )
 from ..jit.vq import vq_disable_notify, vq_enable_notify, vq_has_avail
-from ..rings.state import RingStatus
+from ..rings.state import RingStatus, SplitState, VqState
 from ..virtio import constants as c
 from ..virtqueue import Virtqueue
 from .core import SimDevice
@@ -93,6 +93,9 @@ class NetDevice(SimDevice):
         self._negotiated = 0
         self._scratch: list[np.ndarray | None] = [None] * config.max_vqp
         self.control = ControlQueue(self._apply_ctrl, self._log_refusal)
+        self.restarted = False  # re-created by a restarted daemon from its state file (vdpasim/state.py)
+        self.restart_drops: dict[int, int] = {}  # TX queue -> frames no counter saw across daemon restarts
+        self._tx_checkpoint: dict[int, int] = {}  # TX queue -> its last_avail in the dead daemon's state file
         super().__init__(
             config.name,
             features=config.features,
@@ -301,6 +304,34 @@ class NetDevice(SimDevice):
         else:  # parse_ctrl only returns the types above
             raise CtrlError(f"no handler for {command!r}")
 
+    # ----- after a daemon restart -----
+    def restore_after_restart(self, queues: list[dict[str, int]], status: int, features: int) -> None:
+        """The device was re-created from a state file whose queues are ``queues`` (at ``status``, with the
+        driver's ``features``).
+
+        Frames the guest queued for transmission while no daemon served the device are dropped by the
+        front-end (QEMU's virtio-net drops TX with the link down) and frames the dead daemon sent after
+        its last checkpoint were counted by nobody. Both moved the transmit ring on, so the first
+        SET_VRING_BASE of the reconnected front-end, compared with the ring position in the state file,
+        tells how many there were: they are added to "tx drops" and reported as "tx restart drops".
+        """
+        self.restarted = True
+        for idx, saved in enumerate(queues[: len(self.vqs)]):
+            if self.queue_role(idx) == "tx":
+                self.restart_drops[idx] = int(saved.get("restart_drops", 0))
+                if status & c.VIRTIO_CONFIG_S_DRIVER_OK and not features >> c.VIRTIO_F_RING_PACKED & 1:
+                    self._tx_checkpoint[idx] = int(saved.get("last_avail", 0))
+
+    def set_vq_state(self, idx: int, state: VqState) -> None:
+        checkpoint = self._tx_checkpoint.pop(idx, None)
+        if checkpoint is not None and isinstance(state, SplitState):
+            gap = (state.last_avail - checkpoint) & 0xFFFF
+            if gap:
+                self.restart_drops[idx] = self.restart_drops.get(idx, 0) + gap
+                self.vqs[idx].record["drops"] += gap
+                self.log.info("vq %d: %d frames sent by the guest across the restart were not counted: drops", idx, gap)
+        super().set_vq_state(idx, state)
+
     # ----- management -----
     def vstats(self, qidx: int) -> dict[str, int]:
         """Vendor statistics of queue ``qidx`` with vdpa_sim_net's names (``vdpa dev vstats show``)."""
@@ -309,4 +340,7 @@ class NetDevice(SimDevice):
             raise DeviceRequestError(f"{self.name}: no queue {qidx} to report statistics for", errno=errno.EINVAL)
         names = {"rx": RX_STATS, "tx": TX_STATS, "cvq": CVQ_STATS}[role]
         record = self.vqs[qidx].record
-        return {name: int(record[field]) for name, field in names.items()}
+        stats = {name: int(record[field]) for name, field in names.items()}
+        if self.restarted and role == "tx":
+            stats["tx restart drops"] = self.restart_drops.get(qidx, 0)
+        return stats

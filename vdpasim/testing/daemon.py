@@ -81,9 +81,12 @@ def end_daemon_of(runtime: RuntimeDir, timeout: float = 20.0) -> int | None:
 class DaemonProcess:
     """``vdpasim daemon`` (foreground) as our child, logging to ``log_path``; a context manager."""
 
-    def __init__(self, runtime: RuntimeDir | None = None, *, log_level: str = "debug") -> None:
+    def __init__(
+        self, runtime: RuntimeDir | None = None, *, log_level: str = "debug", args: tuple[str, ...] = ()
+    ) -> None:
         self.runtime = runtime or fresh_runtime()
         self.log_level = log_level
+        self.args = args  # more ``vdpasim daemon`` options
         self.log_path = self.runtime.path.parent / f"daemon-{os.getpid()}-{id(self):x}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -97,7 +100,7 @@ class DaemonProcess:
         self.runtime.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*VDPASIM, "daemon", "--log-level", self.log_level],
+                [*VDPASIM, "daemon", "--log-level", self.log_level, *self.args],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
