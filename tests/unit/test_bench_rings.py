@@ -39,7 +39,9 @@ def test_json_lists_every_configuration(capsys):
     for r in results:
         assert r.keys() >= KEYS
         assert r["numba_mpps"] > 0 and r["c_mpps"] > 0
-        assert r["ratio"] == pytest.approx(r["numba_mpps"] / r["c_mpps"], abs=0.002)
+        # The rates are rounded in the JSON, the ratio is not: on a loaded machine a tiny rate makes that
+        # rounding visible in the quotient, so compare relatively.
+        assert r["ratio"] == pytest.approx(r["numba_mpps"] / r["c_mpps"], rel=0.01, abs=0.002)
         assert r["runs"] == 1
         assert r["packets"] == 512  # each side moved (and verified) 512 packets per run
 
