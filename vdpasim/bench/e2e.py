@@ -212,7 +212,8 @@ def peer_backend(testpmd: str, socket_path: str, cpu: int, prefix: str) -> Itera
     """dpdk-testpmd with a net_vhost port serving ``socket_path``, io forwarding back out the same port."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
-    argv = _eal(testpmd, cpu, prefix, f"net_vhost0,iface={socket_path},queues=1") + [
+    argv = [
+        *_eal(testpmd, cpu, prefix, f"net_vhost0,iface={socket_path},queues=1"),
         "--forward-mode=io",
         "--port-topology=loop",
         "--nb-cores=1",
@@ -248,7 +249,8 @@ def frontend_run(
 ) -> float:
     """One measurement: a virtio_user front-end in flowgen mode; returns its receive rate in Mpps."""
     vdev = f"net_virtio_user0,path={socket_path},queues=1,queue_size={QUEUE_SIZE},packed_vq={int(ring == 'packed')}"
-    argv = _eal(testpmd, cpu, prefix, vdev) + [
+    argv = [
+        *_eal(testpmd, cpu, prefix, vdev),
         "-i",
         "--forward-mode=flowgen",
         f"--txpkts={packet_bytes}",
