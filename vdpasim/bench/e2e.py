@@ -322,6 +322,7 @@ def run_benchmark(
     testpmd = find_testpmd()
     back_cpu, front_cpu = pick_cpus()
     say = progress or (lambda text: None)
+    affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {back_cpu})  # this thread, and every thread started from now on (the device's)
     workdir = tempfile.mkdtemp(prefix="vdpasim-e2e-")
     vdpasim_sock = os.path.join(workdir, "vdpasim.sock")
@@ -361,6 +362,7 @@ def run_benchmark(
                     results.append(result)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        os.sched_setaffinity(0, affinity)
     return results
 
 
