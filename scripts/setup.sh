@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the project needs; each later capability adds its own here.
-APT_PACKAGES=(gcc libc6-dev python3-venv qemu-system-x86 kmod iproute2)
+# DPDK 22.11 (dpdk-testpmd is in dpdk-dev; its vhost and virtio_user drivers are separate packages) is the
+# peer of `vdpasim bench e2e`.
+APT_PACKAGES=(gcc libc6-dev python3-venv qemu-system-x86 kmod iproute2
+              dpdk dpdk-dev librte-net-vhost23 librte-net-virtio23)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

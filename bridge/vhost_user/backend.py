@@ -573,7 +573,16 @@ class BackendSession:
         assert isinstance(message.payload, VringState)
         index, num = message.payload.index, message.payload.num
         self._ring(index).base_at_reset = None
-        state = PackedState.decode(num) if self._packed() else SplitState(num & 0xFFFF)
+        if not self._packed():
+            state: SplitState | PackedState = SplitState(num & 0xFFFF)
+        elif num >> 16:
+            state = PackedState.decode(num)
+        else:
+            # Only the avail half (bits 0-15), as DPDK's virtio_user sends (32768 for a new ring): the used
+            # position is the same one, which is what DPDK's vhost library assumes of every SET_VRING_BASE.
+            # Read as (0, wrap 0) instead, used entries would carry the wrong wrap counter and the driver
+            # would never see one.
+            state = PackedState(num & 0x7FFF, num >> 15 & 1, num & 0x7FFF, num >> 15 & 1)
         self.device.set_vq_state(index, state)
 
     def _get_vring_base(self, message: Message) -> VringState:

@@ -30,9 +30,32 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     rings.add_argument("--cc", default="gcc", help="C compiler for the reference (default gcc)")
     rings.add_argument("--json", action="store_true", help="print a JSON list on stdout instead of a table")
     rings.set_defaults(handler=_rings)
+    e2e = verbs.add_parser(
+        "e2e",
+        help="end to end over vhost-user: a vdpasim net device against DPDK's vhost back-end, both driven by testpmd",
+        description="dpdk-testpmd with a net_virtio_user port in flowgen mode (the guest driver) against (a) a "
+        "vdpasim net device in loopback mode served over vhost-user and (b) dpdk-testpmd with a net_vhost port "
+        "forwarding every frame back (io mode), alternating runs, medians of the front-end's receive rate.",
+    )
+    e2e.add_argument("--ring", choices=("split", "packed"), action="append", help="ring layout (repeatable)")
+    e2e.add_argument("--size", type=int, action="append", help="Ethernet frame bytes (repeatable; default 64, 1500)")
+    e2e.add_argument("--runs", type=int, default=5, help="alternations per case (default 5)")
+    e2e.add_argument("--seconds", type=float, default=2.0, help="measured seconds per run (default 2)")
+    e2e.add_argument("--warmup", type=float, default=1.0, help="seconds of traffic before each measurement (default 1)")
+    e2e.add_argument(
+        "--no-busy-poll", action="store_true", help="run the vdpasim device on kicks instead of busy-polling"
+    )
+    e2e.add_argument("--json", action="store_true", help="print a JSON list (one object per case) instead of a table")
+    e2e.set_defaults(handler=_e2e)
 
 
 def _rings(args: argparse.Namespace) -> int:
     from .rings import command
+
+    return command(args)
+
+
+def _e2e(args: argparse.Namespace) -> int:
+    from .e2e import command
 
     return command(args)

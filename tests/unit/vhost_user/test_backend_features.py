@@ -52,6 +52,7 @@ from vdpasim.devices.inflight import queue_region_size, split_region
 from vdpasim.devices.net import NetDevice
 from vdpasim.errors import SessionError
 from vdpasim.jit.log import VHOST_LOG_PAGE
+from vdpasim.rings.state import PackedState
 from vdpasim.testing.driver import DriverQueue, GuestMemory, UsedBuffer
 from vdpasim.testing.net import VNET_HDR, ethernet
 from vdpasim.virtio import constants as c
@@ -287,6 +288,27 @@ def test_net_started_but_disabled_rings_drop_tx_and_deliver_no_rx(net: Rig) -> N
     net.kick(1)
     net.used(1, 1)
     assert device.vstats(1)["tx drops"] == 2 and device.vstats(0)["rx packets"] == 1
+
+
+def test_packed_base_with_only_the_avail_half_starts_the_used_side_there_too(tmp_path: Path) -> None:
+    """DPDK's virtio_user sends SET_VRING_BASE 0x8000 for a new packed ring (no used half): the used wrap
+    counter must start at 1 too, or the driver never sees a used descriptor."""
+    rig = Rig(NetDevice(NetConfig("vu-packed-base")), tmp_path, packed=True)
+    try:
+        rig.handshake()
+        rx, tx = rig.start_ring(0, base=1 << 15), rig.start_ring(1, base=1 << 15)
+        rig.enable(0)
+        rig.enable(1)
+        assert rig.device.get_vq_state(1) == PackedState(0, 1, 0, 1)
+        rx.add([], [2048])
+        frame = frame_to(rig.device, b"packed" * 10)
+        tx.add([VNET_HDR + frame], [])
+        rig.kick(1)
+        (got,) = rig.used(0, 1)
+        assert got.data[c.VIRTIO_NET_HDR_LEN :] == frame
+        assert [u.len for u in rig.used(1, 1)] == [0]
+    finally:
+        rig.close()
 
 
 def test_rings_are_enabled_at_once_without_protocol_features(net: Rig) -> None:
