@@ -184,7 +184,7 @@ wl_net_loopback() {
 	_cpu=$(wparam cpu "")
 	[ -n "$_cpu" ] && _pin="taskset -c $_cpu"
 	_out=$($_pin vdpasim-pktloop "$IFACE" "$(wparam count 30)" "$(wparam min_len 60)" "$(wparam max_len 1514)" \
-		"$(wparam seed 1)" "$(wparam timeout_ms 3000)" "$(wparam frames 1)")
+		"$(wparam seed 1)" "$(wparam timeout_ms 3000)" "$(wparam frames 1)" "$(wparam window 0)")
 	_rc=$?
 	result "$_out"
 	netstats
