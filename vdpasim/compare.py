@@ -127,7 +127,8 @@ def _boot_net(image: Any, transport: str, log_dir: Path, mode: str, workload: st
     from .config import NetConfig
     from .testing.vhost_user import VhostUserRig
 
-    with VhostUserRig(image, log_dir / f"{transport}-{workload}", transport=transport) as rig:
+    # vectors=0 on both doors: the guest drives the same NIC (vhost-user-net needs it under TCG).
+    with VhostUserRig(image, log_dir / f"{transport}-{workload}", transport=transport, vhost_vdpa_vectors=0) as rig:
         device = rig.add_net(NetConfig(name=f"cmp-{mode}", mode=mode, peer_ip=PEER_IP, mac=MAC))
         clock = _DriverOkClock(device.get_status)
         try:

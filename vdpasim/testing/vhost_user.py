@@ -118,6 +118,7 @@ def vhost_vdpa_net_args(
     packed: bool = False,
     event_idx: bool = True,
     queue_size: int | None = None,
+    vectors: int | None = None,
 ) -> list[str]:
     """QEMU arguments for a virtio-net-pci NIC on the vhost-vdpa device ``node`` (/dev/vhost-vdpa-N): what one
     writes on a kernel with real vDPA. With MSI-X, unlike vhost-user-net (QEMU 7.2 under TCG polls the call
@@ -127,6 +128,8 @@ def vhost_vdpa_net_args(
         device.append(f"mac={mac}")
     if queue_pairs > 1:
         device.append("mq=on")  # QEMU reads the pair count from the device's config space
+    if vectors is not None:
+        device.append(f"vectors={vectors}")
     device += _ring_options(packed, event_idx)
     if queue_size is not None:
         device += [f"rx_queue_size={queue_size}", f"tx_queue_size={queue_size}"]
@@ -322,6 +325,9 @@ class VhostUserRig:
     # "vhost-user": QEMU connects to the sockets; "vhost-vdpa": QEMU runs under the bypass supervisor and opens
     # /dev/vhost-vdpa-N, each a vhost-vdpa server bridged to the device's socket (bridge/bypass.py).
     transport: str = "vhost-user"
+    # MSI-X vectors of a vhost-vdpa NIC (None: QEMU's default). 0 gives it the same interrupts as a
+    # vhost-user NIC, which needs vectors=0 here (see vhost_user_net_args): for like-for-like comparisons.
+    vhost_vdpa_vectors: int | None = None
     backends: list[_Backend] = field(default_factory=list, init=False)
     nodes: dict[str, VhostVdpaNode] = field(default_factory=dict, init=False)
     supervisor: Supervisor | None = field(default=None, init=False)
@@ -352,7 +358,7 @@ class VhostUserRig:
                 # mac=: QEMU writes its NIC's MAC into the device at start-up (its default, without one).
                 return vhost_vdpa_net_args(
                     index, node, mac=mac, queue_pairs=config.max_vqp, packed=packed, event_idx=event_idx,
-                    queue_size=queue_size,
+                    queue_size=queue_size, vectors=self.vhost_vdpa_vectors,
                 )  # fmt: skip
             return vhost_user_net_args(
                 index, path, mac=mac, queue_pairs=config.max_vqp, packed=packed, event_idx=event_idx,
