@@ -192,16 +192,8 @@ class VhostUserServer:
                 self._retry.wait(self.RETRY_SECONDS)
                 continue
             waiting_logged = False
-            with self._state_lock:
-                if self._stopping:
-                    connection.close()
-                    break
-                self._connection = connection
-            self.connections += 1
-            try:
-                self.serve(connection)
-            finally:
-                self._connection = None
+            if not self._serve_unless_stopping(connection):
+                break
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -210,17 +202,23 @@ class VhostUserServer:
                 connection, _ = self._listener.accept()
             except OSError:
                 break
-            with self._state_lock:
-                # accept() still returns a connection queued before the listener was shut down.
-                if self._stopping:
-                    connection.close()
-                    break
-                self._connection = connection
-            self.connections += 1
-            try:
-                self.serve(connection)
-            finally:
-                self._connection = None
+            if not self._serve_unless_stopping(connection):
+                break
+
+    def _serve_unless_stopping(self, connection: socket.socket) -> bool:
+        """Serve ``connection`` to its end; False (and closed) if stop() came first: accept() still returns a
+        connection queued before the listener was shut down, and a connect may race stop() too."""
+        with self._state_lock:
+            if self._stopping:
+                connection.close()
+                return False
+            self._connection = connection
+        self.connections += 1
+        try:
+            self.serve(connection)
+        finally:
+            self._connection = None
+        return True
 
     def serve(self, connection: socket.socket) -> None:
         """Serve one front-end until it leaves or breaks the protocol."""
