@@ -3,6 +3,10 @@
 One thread per device. The control plane never touches a queue while a kernel runs: it calls
 ``pause()``, which returns once the thread is parked between bursts (kernels only ever leave a
 queue between two chains, so nothing is lost or processed twice), and ``resume()`` afterwards.
+
+Busy-polling kernels may spin for many bursts in one call: they watch ``interrupt[0]``, which every
+control-plane request (pause, stop, wake) raises and the thread lowers before it looks at the
+requests again, so a request made at any moment either sees the thread park or stops the spin.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import select
 import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
+
+import numpy as np
 
 __all__ = ["DataPath", "Processor", "signal"]
 
@@ -35,6 +41,7 @@ class DataPath:
         self.device = device
         self.busy_poll = busy_poll
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.interrupt = np.zeros(1, dtype=np.int64)  # non-zero: a compiled polling loop must return
         self._state = threading.Condition()
         self._pause_requests = 0
         self._parked = False
@@ -61,7 +68,7 @@ class DataPath:
         with self._state:
             self._stopping = True
             self._state.notify_all()
-        os.eventfd_write(self._wake, 1)
+        self.wake()
         if thread is not threading.current_thread():
             thread.join()
         self._thread = None
@@ -84,21 +91,24 @@ class DataPath:
             self._pause_requests += 1
             if self._thread is None or self._thread is threading.current_thread():
                 return
-            os.eventfd_write(self._wake, 1)
+            self.wake()
             self._state.wait_for(lambda: self._parked or self._thread is None or not self._running)
 
     def resume(self) -> None:
         with self._state:
             self._pause_requests -= 1
             self._state.notify_all()
-        os.eventfd_write(self._wake, 1)  # queues may have changed: rebuild the epoll set
+        self.wake()  # queues may have changed: rebuild the epoll set
 
     def wake(self) -> None:
+        """Make the thread re-read its queues (and requests): end a wait or a compiled polling loop."""
+        self.interrupt[0] = 1
         os.eventfd_write(self._wake, 1)
 
     # --- thread side ---
     def _park_if_asked(self) -> bool:
         """Block while paused; False once stopping."""
+        self.interrupt[0] = 0  # before reading the requests: one raised after this is seen by the kernels
         with self._state:
             if self._pause_requests and not self._stopping:
                 self._parked = True
@@ -141,9 +151,9 @@ class DataPath:
         if not queues:
             # Nothing to poll (not started yet, or NEEDS_RESET): sleep until the control plane changes.
             select.select([self._wake], [], [], 0.1)
+            _drain(self._wake)
         for idx, _ in queues:
             self._serve(idx)
-        _drain(self._wake)
 
     def _wait_and_serve(self, queues: list[tuple[int, int]]) -> None:
         poller = select.epoll()

@@ -27,6 +27,8 @@ __all__ = [
     "memcpy",
     "memset",
     "atomic_or_u8",
+    "load_relaxed_u64",
+    "prefetch",
     "fence_acquire",
     "fence_release",
     "fence_full",
@@ -104,6 +106,44 @@ def atomic_or_u8(typingctx, addr, value):
         return context.get_dummy_value()
 
     return types.void(addr, value), codegen
+
+
+@intrinsic
+def load_relaxed_u64(typingctx, addr):
+    """An atomic (relaxed) 8-byte load: read afresh on every call, never hoisted out of a loop.
+
+    For flags another thread sets while a compiled loop spins (the data path's interrupt word): a plain
+    load in a loop that writes only through other pointers may legally be read once.
+    """
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.load_atomic(ptr, "monotonic", 8)
+
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def prefetch(typingctx, addr, for_write):
+    """Hint the cache to fetch the line at ``addr`` (``for_write``: a compile-time 0 or 1).
+
+    The rings and buffers are written by a driver on another CPU, so each first touch is a cache miss;
+    touching the next frames' lines a few frames ahead lets those misses overlap instead of queueing.
+    """
+    if not isinstance(for_write, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8_ptr = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8_ptr, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        ptr = builder.inttoptr(context.cast(builder, args[0], signature.args[0], types.int64), i8_ptr)
+        # rw, locality 3 (keep in all levels), data cache
+        builder.call(fn, [ptr, i32(for_write.literal_value), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(addr, for_write), codegen
 
 
 def _make_fence(ordering: str):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ..memory import FLAGS, GUEST, HOST, REGION_WRITABLE, SIZE
 from . import kernel
+from .intrinsics import prefetch
 
-__all__ = ["translate", "TRANSLATE_READ_ONLY"]
+__all__ = ["translate", "prefetch_buffer", "TRANSLATE_READ_ONLY"]
 
 # translate() result for a writable buffer inside a read-only region (0 means outside memory).
 TRANSLATE_READ_ONLY = -1
@@ -25,3 +26,13 @@ def translate(rows, addr, length, writable):
                 return TRANSLATE_READ_ONLY
             return rows[i, HOST] + offset
     return 0
+
+
+@kernel(inline=True)
+def prefetch_buffer(rows, addr, length, for_write):
+    """Start fetching the first two cache lines of a guest buffer (a frame's header and start), if it
+    lies in guest memory: a hint for a chain about to be popped, never a read."""
+    host = translate(rows, addr, min(length, 128), False)
+    if host > 0:
+        prefetch(host, for_write)
+        prefetch(host + 64, for_write)

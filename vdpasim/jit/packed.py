@@ -26,13 +26,24 @@ from ..virtio.constants import (
 )
 from . import kernel
 from .chain import add_buffer, fail
-from .intrinsics import fence_acquire, fence_full, fence_release, load_u16, load_u32, load_u64, store_u16, store_u32
+from .intrinsics import (
+    fence_acquire,
+    fence_full,
+    fence_release,
+    load_u16,
+    load_u32,
+    load_u64,
+    prefetch,
+    store_u16,
+    store_u32,
+)
 from .log import log_descriptors, log_device_area
-from .memory import translate
+from .memory import prefetch_buffer, translate
 
 __all__ = [
     "packed_has_avail",
     "packed_pop",
+    "packed_prefetch",
     "packed_push",
     "packed_needs_notify",
     "packed_enable_notify",
@@ -103,6 +114,24 @@ def packed_pop(q, rows, iov):
     q.last_avail = position
     q.avail_wrap = wrap
     return _OK, buffer_id, ndesc, n, readable
+
+
+@kernel(inline=True)
+def packed_prefetch(q, rows, ahead, for_write):
+    """Start fetching what a pop ``ahead`` ring slots from now will touch: that slot's descriptor, and
+    the buffer of the slot half as far ahead if the driver made it available (one descriptor per
+    buffer is the common case; otherwise this merely fetches a slot early). A hint only."""
+    prefetch(q.desc + _DESC_SIZE * ((q.last_avail + ahead) % q.size), 0)
+    position = q.last_avail + (ahead >> 1)
+    wrap = q.avail_wrap
+    if position >= q.size:
+        position -= q.size
+        wrap ^= 1
+    desc = q.desc + _DESC_SIZE * position
+    flags = load_u16(desc + 14)
+    if _is_available(flags, wrap) and not flags & VIRTQ_DESC_F_INDIRECT:
+        fence_acquire()
+        prefetch_buffer(rows, load_u64(desc), load_u32(desc + 8), for_write)
 
 
 @kernel

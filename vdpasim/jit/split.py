@@ -20,14 +20,25 @@ from ..virtio.constants import (
 )
 from . import kernel
 from .chain import add_buffer, fail
-from .intrinsics import fence_acquire, fence_full, fence_release, load_u16, load_u32, load_u64, store_u16, store_u32
+from .intrinsics import (
+    fence_acquire,
+    fence_full,
+    fence_release,
+    load_u16,
+    load_u32,
+    load_u64,
+    prefetch,
+    store_u16,
+    store_u32,
+)
 from .log import log_device_area
-from .memory import translate
+from .memory import prefetch_buffer, translate
 
 __all__ = [
     "split_avail_idx",
     "split_has_avail",
     "split_pop",
+    "split_prefetch",
     "split_push",
     "split_publish",
     "split_needs_notify",
@@ -78,6 +89,27 @@ def split_pop(q, rows, iov):
         return status, head, 0, 0, 0
     q.last_avail = (q.last_avail + 1) & 0xFFFF
     return _OK, head, 1, n, readable
+
+
+@kernel(inline=True)
+def split_prefetch(q, rows, ahead, for_write):
+    """Start fetching what the pop ``ahead`` chains from now will touch: its descriptor, and the buffer
+    of the chain half as far ahead (whose descriptor an earlier call fetched). Only a hint: nothing is
+    checked beyond what keeps the addresses inside guest memory, and nothing is consumed."""
+    available = (split_avail_idx(q) - q.last_avail) & 0xFFFF
+    if available > q.size:
+        return  # split_pop reports this
+    if available > ahead:
+        head = load_u16(q.driver + 4 + 2 * ((q.last_avail + ahead) % q.size))
+        if head < q.size:
+            prefetch(q.desc + _DESC_SIZE * head, 0)
+    near = ahead >> 1
+    if available > near:
+        head = load_u16(q.driver + 4 + 2 * ((q.last_avail + near) % q.size))
+        if head < q.size:
+            desc = q.desc + _DESC_SIZE * head
+            if not load_u16(desc + 12) & VIRTQ_DESC_F_INDIRECT:
+                prefetch_buffer(rows, load_u64(desc), load_u32(desc + 8), for_write)
 
 
 @kernel(inline=True)

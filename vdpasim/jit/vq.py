@@ -21,6 +21,7 @@ from .packed import (
     packed_has_avail,
     packed_needs_notify,
     packed_pop,
+    packed_prefetch,
     packed_push,
 )
 from .split import (
@@ -29,6 +30,7 @@ from .split import (
     split_has_avail,
     split_needs_notify,
     split_pop,
+    split_prefetch,
     split_publish,
     split_push,
 )
@@ -36,6 +38,7 @@ from .split import (
 __all__ = [
     "vq_has_avail",
     "vq_pop",
+    "vq_prefetch",
     "vq_push",
     "vq_publish",
     "vq_needs_notify",
@@ -55,6 +58,15 @@ def vq_pop(q, rows, iov):
     if q.packed:
         return packed_pop(q, rows, iov)
     return split_pop(q, rows, iov)
+
+
+@kernel(inline=True)
+def vq_prefetch(q, rows, ahead, for_write):
+    """Warm the cache for the pop ``ahead`` chains from now (``for_write``: its buffers will be written)."""
+    if q.packed:
+        packed_prefetch(q, rows, ahead, for_write)
+    else:
+        split_prefetch(q, rows, ahead, for_write)
 
 
 @kernel(inline=True)
