@@ -29,7 +29,7 @@
 /* Must equal vdpasim.rings.state.QUEUE_DTYPE, field for field (checked by the Python side). */
 const char ring_queue_fields[] =
     "size,packed,event_idx,indirect,desc_addr,driver_addr,device_addr,desc,driver,device,"
-    "last_avail,avail_wrap,used_idx,used_wrap,signalled_used,signalled_valid,error,error_index,error_addr,"
+    "last_avail,avail_wrap,used_idx,used_wrap,used_head_flags,used_head_pos,signalled_used,signalled_valid,error,error_index,error_addr,"
     "packets,bytes,errors,overruns,drops,requests,successes,kicks,notifications,"
     "log,log_size,log_ring,log_used,log_desc,inflight,inflight_counter,inflight_entry";
 
@@ -38,6 +38,7 @@ struct vq {
     int64_t desc_addr, driver_addr, device_addr;
     int64_t desc, driver, device;
     int64_t last_avail, avail_wrap, used_idx, used_wrap;
+    int64_t used_head_flags, used_head_pos;  /* packed: the batch head's flags, written at the publish */
     int64_t signalled_used, signalled_valid;
     int64_t error, error_index, error_addr;
     int64_t packets, bytes, errors, overruns, drops, requests, successes, kicks, notifications;
@@ -74,6 +75,7 @@ enum { GUEST = 0, SIZE = 1, USER = 2, HOST = 3, FLAGS = 4, ROW = 5 };
 #define RING_EVENT_FLAGS_DESC 2
 
 #define DESC_SIZE 16
+#define USED_HEAD_PENDING (1 << 16)
 #define MAX_CHAIN_BYTES 0xFFFFFFFFLL
 #define ETH_HLEN 14
 
@@ -422,7 +424,14 @@ static inline void packed_push(struct vq *q, int64_t buffer_id, int64_t ndesc, i
     fence_release();
     /* WRITE says the device wrote data; without it the driver ignores len (§2.8.3, §2.8.4). */
     int64_t flags = q->used_wrap ? VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED : 0;
-    store_u16(desc + 14, written ? flags | VIRTQ_DESC_F_WRITE : flags);
+    if (written)
+        flags |= VIRTQ_DESC_F_WRITE;
+    if (!q->used_head_flags) {
+        q->used_head_flags = USED_HEAD_PENDING | flags;
+        q->used_head_pos = q->used_idx;
+    } else {
+        store_u16(desc + 14, flags);
+    }
     q->used_idx += ndesc;
     if (q->used_idx >= q->size) {
         q->used_idx -= q->size;
@@ -471,9 +480,20 @@ static inline void vq_push(struct vq *q, int64_t head, int64_t ndesc, int64_t wr
         split_push(q, head, written);
 }
 
+static inline void packed_publish(struct vq *q)
+{
+    if (q->used_head_flags) {
+        fence_release();
+        store_u16(q->desc + DESC_SIZE * q->used_head_pos + 14, q->used_head_flags & 0xFFFF);
+        q->used_head_flags = 0;
+    }
+}
+
 static inline void vq_publish(struct vq *q)
 {
-    if (!q->packed)
+    if (q->packed)
+        packed_publish(q);
+    else
         split_publish(q);
 }
 

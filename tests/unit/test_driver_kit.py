@@ -6,7 +6,7 @@ import pytest
 
 from vdpasim.errors import UsageError
 from vdpasim.jit.echo import echo_burst
-from vdpasim.jit.vq import vq_enable_notify, vq_pop, vq_push
+from vdpasim.jit.vq import vq_enable_notify, vq_pop, vq_publish, vq_push
 from vdpasim.rings.state import PackedState, SplitState
 from vdpasim.testing.driver import DeviceMisbehaved, DriverQueue, GuestMemory, UsedBuffer, make_device_queue
 from vdpasim.virtio.constants import (
@@ -74,6 +74,7 @@ def test_packed_out_of_order_completions_skip_each_buffers_slots(memory: GuestMe
     # each written over the next slot, and both sides skip the slots of the buffer it names.
     vq_push(vq.record, ids[1], 2, 1)
     vq_push(vq.record, ids[0], 3, 0)
+    vq_publish(vq.record)
     assert [(u.id, u.len) for u in dq.used()] == [(ids[1], 1), (ids[0], 0)]
     assert (dq.room, dq.next_used, dq.used_wrap) == (5, 0, 0)
 

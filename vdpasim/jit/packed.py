@@ -13,7 +13,7 @@ into the descriptor ring) and device-area writes are logged when dirty logging i
 
 from __future__ import annotations
 
-from ..rings.state import RingStatus
+from ..rings.state import USED_HEAD_PENDING, RingStatus
 from ..virtio.constants import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
@@ -45,6 +45,7 @@ __all__ = [
     "packed_pop",
     "packed_prefetch",
     "packed_push",
+    "packed_publish",
     "packed_needs_notify",
     "packed_enable_notify",
     "packed_disable_notify",
@@ -162,20 +163,44 @@ def _walk_indirect(q, rows, iov, n, readable, total, addr, length, flags, positi
 
 @kernel(inline=True)
 def packed_push(q, buffer_id, ndesc, written):
-    """Mark a buffer used: id and length first, then the flags that hand it back (§2.8.9)."""
+    """Mark a buffer used: id and length first, then the flags that hand it back (§2.8.9).
+
+    The first buffer pushed after a publish keeps its flags back until ``packed_publish``: the driver
+    reads used descriptors in ring order, so the ones after it stay unseen too and the whole burst
+    reaches it at once, instead of its CPU pulling the descriptor line over once per buffer. Not with
+    inflight tracking, which records each completion as published the moment it is pushed.
+    """
     desc = q.desc + _DESC_SIZE * q.used_idx
     store_u32(desc + 8, written)
     store_u16(desc + 12, buffer_id)
-    fence_release()
     # WRITE says the device wrote data; without it the driver ignores len (§2.8.3, §2.8.4).
     flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if q.used_wrap else 0
-    store_u16(desc + 14, flags | VIRTQ_DESC_F_WRITE if written else flags)
+    if written:
+        flags |= VIRTQ_DESC_F_WRITE
+    if q.used_head_flags or q.inflight:
+        fence_release()
+        store_u16(desc + 14, flags)
+    else:
+        q.used_head_flags = USED_HEAD_PENDING | flags
+        q.used_head_pos = q.used_idx
     if q.log:
         log_descriptors(q, desc, 16)
     q.used_idx += ndesc
     if q.used_idx >= q.size:
         q.used_idx -= q.size
         q.used_wrap ^= 1
+
+
+@kernel(inline=True)
+def packed_publish(q):
+    """Hand the buffers pushed since the last publish to the driver: the held-back first flags last."""
+    if q.used_head_flags:
+        desc = q.desc + _DESC_SIZE * q.used_head_pos
+        fence_release()  # every other entry of the burst before the one that reveals them
+        store_u16(desc + 14, q.used_head_flags & 0xFFFF)
+        if q.log:  # logged again: the bit must follow the last write to the page
+            log_descriptors(q, desc, 16)
+        q.used_head_flags = 0
 
 
 @kernel

@@ -22,6 +22,7 @@ from .packed import (
     packed_needs_notify,
     packed_pop,
     packed_prefetch,
+    packed_publish,
     packed_push,
 )
 from .split import (
@@ -79,8 +80,10 @@ def vq_push(q, head, ndesc, written):
 
 @kernel(inline=True)
 def vq_publish(q):
-    """Make pushed used entries visible (split: the used index; packed entries are visible when pushed)."""
-    if not q.packed:
+    """Make pushed used entries visible (split: the used index; packed: the burst's first flags)."""
+    if q.packed:
+        packed_publish(q)
+    else:
         split_publish(q)
 
 

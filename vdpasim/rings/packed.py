@@ -39,7 +39,7 @@ from .chain import (
     translate,
 )
 from .split import need_event
-from .state import RingStatus
+from .state import USED_HEAD_PENDING, RingStatus
 
 __all__ = [
     "is_available",
@@ -48,6 +48,7 @@ __all__ = [
     "packed_has_avail",
     "packed_pop",
     "packed_push",
+    "packed_publish",
     "packed_needs_notify",
     "packed_enable_notify",
     "packed_disable_notify",
@@ -165,13 +166,27 @@ def packed_push(q: np.void | Queue, buffer_id: int, ndesc: int, written: int) ->
     flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if q.used_wrap else 0
     if written:
         flags |= VIRTQ_DESC_F_WRITE
-    # The flags last, after id and len: they hand the buffer back (§2.8.15).
-    store_u16(desc + 14, flags)
+    # The flags last, after id and len: they hand the buffer back (§2.8.15). The first buffer since the
+    # last publish keeps them back until packed_publish, so the driver (reading in ring order) gets the
+    # whole burst at once; not with inflight tracking, which counts a pushed buffer as handed back.
+    if q.used_head_flags or q.inflight:
+        store_u16(desc + 14, flags)
+    else:
+        q.used_head_flags = USED_HEAD_PENDING | flags
+        q.used_head_pos = q.used_idx
     position = q.used_idx + ndesc
     if position >= q.size:
         position -= q.size
         q.used_wrap ^= 1
     q.used_idx = position
+
+
+def packed_publish(q: np.void | Queue) -> None:
+    """Hand over the buffers pushed since the last publish: write the held-back first flags."""
+    q = as_queue(q)
+    if q.used_head_flags:
+        store_u16(q.desc + DESC_SIZE * q.used_head_pos + 14, q.used_head_flags & 0xFFFF)
+        q.used_head_flags = 0
 
 
 def _unwrapped(position: int, wrap: int, current_wrap: int, size: int) -> int:

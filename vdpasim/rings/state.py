@@ -12,7 +12,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["QUEUE_DTYPE", "RingStatus", "SplitState", "PackedState", "VqState", "new_queue_state", "MAX_CHAIN"]
+__all__ = [
+    "USED_HEAD_PENDING",
+    "QUEUE_DTYPE",
+    "RingStatus",
+    "SplitState",
+    "PackedState",
+    "VqState",
+    "new_queue_state",
+    "MAX_CHAIN",
+]
+
+USED_HEAD_PENDING = 1 << 16  # marks a queue's used_head_flags as set (the flags themselves may be 0)
 
 # The longest chain (descriptors, after following an indirect table) any queue accepts.
 MAX_CHAIN = 1024
@@ -35,6 +46,10 @@ QUEUE_DTYPE = np.dtype(
         ("avail_wrap", np.int64),
         ("used_idx", np.int64),
         ("used_wrap", np.int64),
+        # Packed: the first used descriptor pushed since the last publish keeps its flags back until the
+        # publish, so the driver sees a burst at once (USED_HEAD_PENDING | flags, 0: none), and its position.
+        ("used_head_flags", np.int64),
+        ("used_head_pos", np.int64),
         # Notification bookkeeping: used index when the driver was last notified.
         ("signalled_used", np.int64),
         ("signalled_valid", np.int64),

@@ -12,6 +12,7 @@ from .packed import (
     packed_has_avail,
     packed_needs_notify,
     packed_pop,
+    packed_publish,
     packed_push,
 )
 from .split import (
@@ -55,9 +56,11 @@ def vq_push(q: np.void | Queue, head: int, ndesc: int, written: int) -> None:
 
 
 def vq_publish(q: np.void | Queue) -> None:
-    """Make pushed used entries visible (split: the used index; packed entries are visible when pushed)."""
+    """Make pushed used entries visible (split: the used index; packed: the burst's first flags)."""
     q = as_queue(q)
-    if not q.packed:
+    if q.packed:
+        packed_publish(q)
+    else:
         split_publish(q)
 
 
