@@ -17,9 +17,11 @@ import pytest
 KEYS = {"case", "packet_bytes", "ring", "vdpasim_mpps", "peer_mpps", "ratio"}
 
 
-def test_one_short_case_gives_sane_json():
+def test_one_short_case_gives_sane_json(tmp_path):
     # A child process: the bench pins itself (and the device's thread) to one CPU.
+    plot = tmp_path / "e2e.png"
     argv = ["bench", "e2e", "--json", "--runs", "1", "--seconds", "0.5", "--warmup", "0.3", "--ring", "split"]
+    argv += ["--plot", str(plot)]
     done = subprocess.run(
         [sys.executable, "-m", "vdpasim.cli", *argv, "--size", "64"],
         capture_output=True,
@@ -39,6 +41,7 @@ def test_one_short_case_gives_sane_json():
     assert result["peer_mpps"] > 0
     assert result["ratio"] == pytest.approx(result["vdpasim_mpps"] / result["peer_mpps"], rel=1e-3)
     assert "split-64: run 1/1" in done.stderr  # progress while it runs
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_missing_testpmd_says_how_to_install(monkeypatch):

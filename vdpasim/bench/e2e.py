@@ -389,14 +389,18 @@ def command(args: argparse.Namespace) -> int:
     except (UsageError, E2EError) as exc:
         errors.print(f"vdpasim bench e2e: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 1
+    mode = "kicks" if args.no_busy_poll else "busy-poll"
+    title = f"testpmd virtio_user flowgen round trip, medians of {args.runs} alternations (vdpasim: {mode})"
+    if args.plot:
+        from .plot import plot_medians
+
+        sides = {"vdpasim": [r.vdpasim for r in results], "DPDK vhost": [r.peer for r in results]}
+        plot_medians(args.plot, title, "Mpps", [r.case for r in results], sides)
     if args.json:
         json.dump([r.as_dict() for r in results], sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    mode = "kicks" if args.no_busy_poll else "busy-poll"
-    table = Table(
-        title=f"testpmd virtio_user flowgen round trip, medians of {args.runs} alternations (vdpasim: {mode})"
-    )
+    table = Table(title=title)
     for name in ("ring", "bytes", "vdpasim Mpps", "DPDK vhost Mpps", "vdpasim/DPDK", "vdpasim range", "DPDK range"):
         table.add_column(name, justify="left" if name == "ring" else "right")
     for r in results:
