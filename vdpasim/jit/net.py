@@ -21,7 +21,7 @@ import numpy as np
 from ..rings.state import RingStatus
 from . import kernel
 from .chain import iov_copy, iov_fill, iov_gather, iov_length
-from .intrinsics import load_relaxed_u64, load_u8, memset, store_u8
+from .intrinsics import load_relaxed_u64, load_u8, memset, store_u8, store_u32, store_u64
 from .log import log_host, log_iov
 from .vq import vq_disable_notify, vq_needs_notify, vq_pop, vq_prefetch, vq_publish, vq_push
 
@@ -77,6 +77,15 @@ def _mac_at(addr):
 
 
 @kernel(inline=True)
+def _destination(iov_tx, readable, hdr_len, scratch_addr):
+    """The frame's destination MAC: read in place when the first buffer holds it (the usual case)."""
+    if readable and iov_tx[0, 1] >= hdr_len + 6:
+        return _mac_at(iov_tx[0, 0] + hdr_len)
+    iov_gather(iov_tx, 0, readable, hdr_len, scratch_addr, 6)
+    return _mac_at(scratch_addr)
+
+
+@kernel(inline=True)
 def _accepts(params, dest):
     """The receive filter of vdpa_sim_net, plus promiscuous mode, all-multicast and the MAC table."""
     if params[P_PROMISC] or dest == _BROADCAST:
@@ -121,8 +130,7 @@ def net_tx_burst(txq_state, rxq_state, rows, iov_tx, iov_rx, scratch, params, bu
                 continue
             src, src_first, src_last, src_skip, length = _scratch_as_iov(scratch_addr, reply_len, iov_tx)
         else:
-            iov_gather(iov_tx, 0, readable, hdr_len, scratch_addr, 6)
-            if not _accepts(params, _mac_at(scratch_addr)):
+            if not _accepts(params, _destination(iov_tx, readable, hdr_len, scratch_addr)):
                 rxq.drops += 1
                 vq_push(txq, head, ndesc, 0)
                 continue
@@ -296,7 +304,10 @@ def _byte_address(iov, first, last, offset):
 @kernel(inline=True)
 def _zero_header(iov_rx, first, last, hdr_len):
     # The header usually sits in the first writable buffer; fill across rows when it is split.
-    if iov_rx[first, 1] >= hdr_len:
+    if hdr_len == 12 and iov_rx[first, 1] >= 12:  # the v1 header: two stores, not a memset call
+        store_u64(iov_rx[first, 0], 0)
+        store_u32(iov_rx[first, 0] + 8, 0)
+    elif iov_rx[first, 1] >= hdr_len:
         memset(iov_rx[first, 0], 0, hdr_len)
     else:
         iov_fill(iov_rx, first, last, 0, 0, hdr_len)
