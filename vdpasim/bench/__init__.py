@@ -45,6 +45,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     e2e.add_argument(
         "--no-busy-poll", action="store_true", help="run the vdpasim device on kicks instead of busy-polling"
     )
+    e2e.add_argument(
+        "--no-huge", action="store_true", help="run the testpmds on plain memory even where hugepages can be reserved"
+    )
     e2e.add_argument("--json", action="store_true", help="print a JSON list (one object per case) instead of a table")
     e2e.add_argument("--plot", metavar="FILE.png", help="also draw the medians and ranges")
     e2e.set_defaults(handler=_e2e)

@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import UsageError
 
@@ -50,7 +51,11 @@ INSTALL_HINT = (
     "dpdk-testpmd not found: install DPDK 22.11's testpmd and the vhost/virtio drivers "
     "(Debian: apt-get install dpdk dpdk-dev librte-net-vhost23 librte-net-virtio23, or run scripts/setup.sh)"
 )
-MEMORY_MB = 256  # per testpmd, --no-huge: plain memory the vhost-user back-end maps through SET_MEM_TABLE
+MEMORY_MB = 256  # per testpmd: the memory the vhost-user back-end maps through SET_MEM_TABLE
+HUGEPAGE_KB = 2048
+# Two testpmds run at once (the front-end and the peer), plus slack for EAL's own allocations.
+HUGEPAGES = 2 * MEMORY_MB * 1024 // HUGEPAGE_KB + 64
+_HUGEPAGE_SYSFS = f"/sys/kernel/mm/hugepages/hugepages-{HUGEPAGE_KB}kB"
 MBUFS = 8192
 QUEUE_SIZE = 256
 START_TIMEOUT = 30.0  # seconds for a testpmd to start its port (the first run may wait for Numba)
@@ -183,12 +188,14 @@ class Testpmd:
         self._reader.join(5)
 
 
-def _eal(testpmd: str, cpu: int, prefix: str, vdev: str) -> list[str]:
-    # Main lcore and forwarding lcore on one CPU; plain memory (no hugepages), no PCI scan.
+def _eal(testpmd: str, cpu: int, prefix: str, vdev: str, huge_dir: str | None) -> list[str]:
+    # Main lcore and forwarding lcore on one CPU, no PCI scan. Memory: one file of hugepages (a vhost-user
+    # memory table has room for 8 regions, one file per page would overflow it), or plain memory.
+    memory = ["--huge-dir", huge_dir, "--single-file-segments"] if huge_dir else ["--no-huge"]
     return [
         testpmd,
         "--no-pci",
-        "--no-huge",
+        *memory,
         "-m",
         str(MEMORY_MB),
         f"--file-prefix={prefix}",
@@ -201,6 +208,40 @@ def _eal(testpmd: str, cpu: int, prefix: str, vdev: str) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def hugepages(say: Callable[[str], None]) -> Iterator[str | None]:
+    """Reserve the testpmds' hugepages and mount hugetlbfs for the bench, as DPDK is meant to run; yields
+    the mount point, or None when this machine cannot (not root, no hugepage support, too little free
+    memory): the testpmds then run with ``--no-huge``. Everything changed is put back afterwards."""
+    with contextlib.ExitStack() as undo:
+        try:
+            mount_point = _reserve_hugepages(undo)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            undo.close()
+            say(f"no hugepages ({exc}): testpmd runs with --no-huge")
+            yield None
+            return
+        say(f"{HUGEPAGES} hugepages of {HUGEPAGE_KB} KiB reserved, hugetlbfs at {mount_point}")
+        yield mount_point
+
+
+def _reserve_hugepages(undo: contextlib.ExitStack) -> str:
+    nr_path = os.path.join(_HUGEPAGE_SYSFS, "nr_hugepages")
+    with open(nr_path) as f:
+        before = int(f.read())
+    undo.callback(Path(nr_path).write_text, str(before))
+    Path(nr_path).write_text(str(before + HUGEPAGES))
+    free = int(Path(_HUGEPAGE_SYSFS, "free_hugepages").read_text())
+    if free < HUGEPAGES:
+        raise OSError(f"the kernel found {free} free 2 MiB pages, {HUGEPAGES} are needed")
+    mount_point = tempfile.mkdtemp(prefix="vdpasim-hugepages-")
+    undo.callback(os.rmdir, mount_point)
+    mount = ["mount", "-t", "hugetlbfs", "-o", f"pagesize={HUGEPAGE_KB}k", "nodev", mount_point]
+    subprocess.run(mount, check=True, capture_output=True)
+    undo.callback(subprocess.run, ["umount", mount_point], capture_output=True)
+    return mount_point
+
+
 def _remove_runtime_dir(prefix: str) -> None:
     """EAL leaves its runtime directory (config, sockets) behind; remove ours."""
     base = "/var/run/dpdk" if os.geteuid() == 0 else os.path.join(os.environ.get("XDG_RUNTIME_DIR", "/tmp"), "dpdk")
@@ -208,12 +249,12 @@ def _remove_runtime_dir(prefix: str) -> None:
 
 
 @contextlib.contextmanager
-def peer_backend(testpmd: str, socket_path: str, cpu: int, prefix: str) -> Iterator[Testpmd]:
+def peer_backend(testpmd: str, socket_path: str, cpu: int, prefix: str, huge_dir: str | None) -> Iterator[Testpmd]:
     """dpdk-testpmd with a net_vhost port serving ``socket_path``, io forwarding back out the same port."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
     argv = [
-        *_eal(testpmd, cpu, prefix, f"net_vhost0,iface={socket_path},queues=1"),
+        *_eal(testpmd, cpu, prefix, f"net_vhost0,iface={socket_path},queues=1", huge_dir),
         "--forward-mode=io",
         "--port-topology=loop",
         "--nb-cores=1",
@@ -245,12 +286,13 @@ def frontend_run(
     prefix: str,
     seconds: float,
     warmup: float,
+    huge_dir: str | None,
     start_timeout: float = START_TIMEOUT,
 ) -> float:
     """One measurement: a virtio_user front-end in flowgen mode; returns its receive rate in Mpps."""
     vdev = f"net_virtio_user0,path={socket_path},queues=1,queue_size={QUEUE_SIZE},packed_vq={int(ring == 'packed')}"
     argv = [
-        *_eal(testpmd, cpu, prefix, vdev),
+        *_eal(testpmd, cpu, prefix, vdev, huge_dir),
         "-i",
         "--forward-mode=flowgen",
         f"--txpkts={packet_bytes}",
@@ -312,6 +354,7 @@ def run_benchmark(
     seconds: float = 2.0,
     warmup: float = 1.0,
     busy_poll: bool = True,
+    huge: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[Result]:
     """Alternate vdpasim and the DPDK peer for every (ring, size); ``runs`` measurements per side."""
@@ -333,15 +376,17 @@ def run_benchmark(
         return f"vdpasim-e2e-{os.getpid()}-{next(serial)}"
 
     def measure(side: str, ring: str, size: int, seconds: float, start_timeout: float = START_TIMEOUT) -> float:
-        args = dict(ring=ring, packet_bytes=size, cpu=front_cpu, seconds=seconds, warmup=warmup)
+        args = dict(ring=ring, packet_bytes=size, cpu=front_cpu, seconds=seconds, warmup=warmup, huge_dir=huge_dir)
         if side == "vdpasim":
             return frontend_run(testpmd, vdpasim_sock, prefix=prefix(), start_timeout=start_timeout, **args)
-        with peer_backend(testpmd, peer_sock, back_cpu, prefix()):
+        with peer_backend(testpmd, peer_sock, back_cpu, prefix(), huge_dir):
             return frontend_run(testpmd, peer_sock, prefix=prefix(), start_timeout=start_timeout, **args)
 
     results = []
     try:
-        with vdpasim_backend(vdpasim_sock, busy_poll=busy_poll):
+        with contextlib.ExitStack() as stack:
+            huge_dir = stack.enter_context(hugepages(say)) if huge else None
+            stack.enter_context(vdpasim_backend(vdpasim_sock, busy_poll=busy_poll))
             rings, sizes = list(rings), list(sizes)
             # Untimed: the device's kernels load (or compile, the first time: many seconds) on first use.
             say("warming up (the device's compiled kernels)")
@@ -384,6 +429,7 @@ def command(args: argparse.Namespace) -> int:
             seconds=args.seconds,
             warmup=args.warmup,
             busy_poll=not args.no_busy_poll,
+            huge=not args.no_huge,
             progress=progress,
         )
     except (UsageError, E2EError) as exc:
