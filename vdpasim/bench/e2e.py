@@ -226,11 +226,10 @@ def hugepages(say: Callable[[str], None]) -> Iterator[str | None]:
 
 
 def _reserve_hugepages(undo: contextlib.ExitStack) -> str:
-    nr_path = os.path.join(_HUGEPAGE_SYSFS, "nr_hugepages")
-    with open(nr_path) as f:
-        before = int(f.read())
-    undo.callback(Path(nr_path).write_text, str(before))
-    Path(nr_path).write_text(str(before + HUGEPAGES))
+    nr_pages = Path(_HUGEPAGE_SYSFS, "nr_hugepages")
+    # Relative changes: another bench may reserve and release its own pages meanwhile.
+    nr_pages.write_text(str(int(nr_pages.read_text()) + HUGEPAGES))
+    undo.callback(lambda: nr_pages.write_text(str(max(0, int(nr_pages.read_text()) - HUGEPAGES))))
     free = int(Path(_HUGEPAGE_SYSFS, "free_hugepages").read_text())
     if free < HUGEPAGES:
         raise OSError(f"the kernel found {free} free 2 MiB pages, {HUGEPAGES} are needed")
