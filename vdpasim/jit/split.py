@@ -93,9 +93,11 @@ def split_pop(q, rows, iov):
 
 @kernel(inline=True)
 def split_prefetch(q, rows, ahead, for_write):
-    """Start fetching what the pop ``ahead`` chains from now will touch: its descriptor, and the buffer
-    of the chain half as far ahead (whose descriptor an earlier call fetched). Only a hint: nothing is
-    checked beyond what keeps the addresses inside guest memory, and nothing is consumed."""
+    """Start fetching what the pop ``ahead`` chains from now will touch: its descriptor, the used-ring
+    entry it will fill, and the buffer of the chain half as far ahead (whose descriptor an earlier call
+    fetched). Only a hint: nothing is checked beyond what keeps the addresses inside guest memory, and
+    nothing is consumed."""
+    prefetch(q.device + 4 + 8 * ((q.used_idx + ahead) % q.size), 1)
     available = (split_avail_idx(q) - q.last_avail) & 0xFFFF
     if available > q.size:
         return  # split_pop reports this
