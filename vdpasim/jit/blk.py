@@ -45,9 +45,7 @@ marked in flight when fetched and cleared when its completion is published (jit/
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..rings.state import RingStatus
@@ -69,7 +67,7 @@ from ..virtio.constants import (
 from . import kernel
 from .chain import IOV_ADDR, IOV_LEN, iov_gather, iov_length, iov_scatter
 from .inflight import inflight_packed_walk, inflight_pop, inflight_publish, inflight_push, inflight_pushed
-from .intrinsics import load_u32, load_u64, memset, store_u8
+from .intrinsics import call_libc, load_u32, load_u64, memset, store_u8
 from .log import log_host, log_iov
 from .split import split_walk
 from .vq import vq_disable_notify, vq_enable_notify, vq_has_avail, vq_needs_notify, vq_pop, vq_publish, vq_push
@@ -142,27 +140,12 @@ def new_blk_params() -> np.ndarray:
     return params
 
 
-def _call_libc(context, builder, name, values, value_types, arg_bits):
-    """Emit a call to libc's ``name`` (int result) with integer arguments of the given widths.
-
-    The symbol is only declared in the generated module; the JIT linker resolves it in the running
-    process (libc is always loaded), so the compiled code can be cached like any other.
-    """
-    fnty = ir.FunctionType(ir.IntType(32), [ir.IntType(bits) for bits in arg_bits])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-    args = []
-    for value, value_type, bits in zip(values, value_types, arg_bits, strict=True):
-        wide = context.cast(builder, value, value_type, types.int64)
-        args.append(builder.trunc(wide, ir.IntType(bits)) if bits < 64 else wide)
-    return builder.sext(builder.call(fn, args), ir.IntType(64))
-
-
 @intrinsic
 def libc_fdatasync(typingctx, fd):
     """int fdatasync(int fd), as int64: 0 or -1."""
 
     def codegen(context, builder, signature, args):
-        return _call_libc(context, builder, "fdatasync", args, signature.args, (32,))
+        return call_libc(context, builder, "fdatasync", args, signature.args, (32,))
 
     return types.int64(fd), codegen
 
@@ -172,7 +155,7 @@ def libc_fallocate(typingctx, fd, mode, offset, length):
     """int fallocate(int fd, int mode, off_t offset, off_t len), as int64: 0 or -1."""
 
     def codegen(context, builder, signature, args):
-        return _call_libc(context, builder, "fallocate", args, signature.args, (32, 32, 64, 64))
+        return call_libc(context, builder, "fallocate", args, signature.args, (32, 32, 64, 64))
 
     return types.int64(fd, mode, offset, length), codegen
 
