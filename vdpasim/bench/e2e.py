@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import queue
 import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -40,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
+from .common import alternation, pick_cpus, print_json, progress_printer
 
 __all__ = ["E2EError", "Result", "find_testpmd", "run_benchmark", "command", "DEVICE_MAC"]
 
@@ -105,12 +104,6 @@ def find_testpmd() -> str:
     if path is None:
         raise UsageError(INSTALL_HINT)
     return path
-
-
-def pick_cpus() -> tuple[int, int]:
-    """(back-end CPU, front-end CPU): two different CPUs of our affinity set where there are two."""
-    cpus = sorted(os.sched_getaffinity(0))
-    return cpus[0], cpus[-1]
 
 
 # --- one testpmd ---
@@ -351,8 +344,7 @@ def run_benchmark(
                 for size in sizes:
                     result = Result(ring, size)
                     for run in range(runs):
-                        order = ("vdpasim", "peer") if run % 2 == 0 else ("peer", "vdpasim")
-                        for side in order:
+                        for side in alternation(run):
                             say(f"{result.case}: run {run + 1}/{runs}, {side}")
                             getattr(result, side).append(measure(side, ring, size, seconds))
                         say(
@@ -372,10 +364,7 @@ def command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     errors = Console(stderr=True)
-
-    def progress(text: str) -> None:
-        errors.print(f"[{time.strftime('%H:%M:%S')}] {text}", markup=False, highlight=False)
-
+    progress = progress_printer(errors)
     try:
         results = run_benchmark(
             args.ring or ["split", "packed"],
@@ -390,8 +379,7 @@ def command(args: argparse.Namespace) -> int:
         errors.print(f"vdpasim bench e2e: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 1
     if args.json:
-        json.dump([r.as_dict() for r in results], sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(r.as_dict() for r in results)
         return 0
     mode = "kicks" if args.no_busy_poll else "busy-poll"
     table = Table(
