@@ -576,6 +576,7 @@ class Backend:
     proc: subprocess.Popen
     disk: Disk
     log_path: str
+    image: str | None = None  # the peer's image file (vdpasim's RAM disk is a memfd of its process)
 
     def check(self) -> None:
         if self.proc.poll() is not None:
@@ -590,11 +591,13 @@ class Backend:
 
 
 @contextlib.contextmanager
-def _process(name: str, argv: list[str], socket_path: str, cpu: int, disk: Disk, workdir: str) -> Iterator[Backend]:
+def _process(
+    name: str, argv: list[str], socket_path: str, cpu: int, disk: Disk, workdir: str, image: str | None = None
+) -> Iterator[Backend]:
     log_path = os.path.join(workdir, f"{name}.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    backend = Backend(name, socket_path, proc, disk, log_path)
+    backend = Backend(name, socket_path, proc, disk, log_path, image)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(socket_path):
@@ -642,7 +645,7 @@ def qsd_backend(workdir: str, cpu: int, blocks: int, seed: int) -> Iterator[Back
     ]
     try:
         disk = Disk("qemu-storage-daemon", blocks, seed)
-        with _process("qemu-storage-daemon", argv, socket_path, cpu, disk, workdir) as backend:
+        with _process("qemu-storage-daemon", argv, socket_path, cpu, disk, workdir, image) as backend:
             yield backend
     finally:
         with contextlib.suppress(FileNotFoundError):
