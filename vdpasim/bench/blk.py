@@ -15,7 +15,7 @@ Behind the socket is either
 * **vdpasim**: a ``BlkDevice`` with a RAM disk, served by ``VhostUserServer`` in a child process
   (``python -m vdpasim.bench.blk``), so device and driver do not share a GIL; or
 * **peer**: ``qemu-storage-daemon`` exporting a raw image on tmpfs (/dev/shm) as vhost-user-blk, with
-  an iothread (adaptive polling) and io_uring.
+  an iothread (adaptive polling) and Linux AIO on O_DIRECT (``QSD_*``).
 
 Data are verified, not assumed: every block carries a tag in its first 16 bytes (its number, then a
 hash of a seed, the block and the epoch of the write that wrote it). Before any measurement each disk
@@ -90,7 +90,12 @@ INSTALL_HINT = (
     "qemu-storage-daemon not found: install QEMU (Debian: apt-get install qemu-system-x86, which brings "
     "qemu-system-common; or run scripts/setup.sh)"
 )
-QSD_POLL_MAX_NS = 50_000  # the iothread polls up to this long before sleeping (QEMU's default is 32 us)
+# qemu-storage-daemon's settings, the best of those compared here (docs/benchmarks.md): an iothread that
+# polls up to 50 us before sleeping (QEMU's default is 32 us), Linux AIO with O_DIRECT (tmpfs takes it:
+# no second page-cache copy); io_uring, or no O_DIRECT, or the main loop instead of an iothread were slower.
+QSD_POLL_MAX_NS = 50_000
+QSD_AIO = "native"
+QSD_DIRECT = True
 START_TIMEOUT = 30.0
 STALL_SECONDS = 5.0  # no completion for this long: the back-end is stuck
 FIRST_STALL_SECONDS = 120.0  # the first requests may wait for the child to load (or compile) its kernels
@@ -625,23 +630,31 @@ def vdpasim_backend(workdir: str, cpu: int, blocks: int, seed: int, *, busy_poll
 
 
 @contextlib.contextmanager
-def qsd_backend(workdir: str, cpu: int, blocks: int, seed: int) -> Iterator[Backend]:
-    """qemu-storage-daemon exporting a raw image on tmpfs as vhost-user-blk: iothread with polling, io_uring."""
+def qsd_backend(
+    workdir: str,
+    cpu: int,
+    blocks: int,
+    seed: int,
+    *,
+    aio: str = QSD_AIO,
+    direct: bool = QSD_DIRECT,
+    poll_max_ns: int = QSD_POLL_MAX_NS,
+    iothread: bool = True,
+) -> Iterator[Backend]:
+    """qemu-storage-daemon exporting a raw image on tmpfs as vhost-user-blk, in an iothread (see QSD_*)."""
     socket_path = os.path.join(workdir, "qsd.sock")
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else workdir
-    image = os.path.join(shm, f"vdpasim-bench-blk-{os.getpid()}.img")
-    with open(image, "wb") as f:
+    fd, image = tempfile.mkstemp(prefix="vdpasim-bench-blk-", suffix=".img", dir=shm)
+    with os.fdopen(fd, "wb") as f:
         f.truncate(blocks * BLOCK)
     argv = [
         find_qsd(),
-        "--object",
-        f"iothread,id=io0,poll-max-ns={QSD_POLL_MAX_NS}",
-        # tmpfs has no O_DIRECT: the page cache is the RAM disk, as vdpasim's memfd is.
+        *(["--object", f"iothread,id=io0,poll-max-ns={poll_max_ns}"] if iothread else []),
         "--blockdev",
-        f"driver=file,filename={image},node-name=disk,aio=io_uring,cache.direct=off",
+        f"driver=file,filename={image},node-name=disk,aio={aio},cache.direct={'on' if direct else 'off'}",
         "--export",
         f"type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={socket_path},"
-        "writable=on,num-queues=1,iothread=io0",
+        "writable=on,num-queues=1" + (",iothread=io0" if iothread else ""),
     ]
     try:
         disk = Disk("qemu-storage-daemon", blocks, seed)
@@ -812,7 +825,7 @@ def command(args: argparse.Namespace) -> int:
     mode = "kicks" if args.no_busy_poll else "busy-poll"
     table = Table(
         title=f"4 KiB random I/O, one queue, medians of {args.runs} alternations "
-        f"(vdpasim: RAM disk, {mode}; qemu-storage-daemon: tmpfs image, iothread polling, io_uring)"
+        f"(vdpasim: RAM disk, {mode}; qemu-storage-daemon: tmpfs image, iothread polling, aio={QSD_AIO})"
     )
     columns = (
         "op",
