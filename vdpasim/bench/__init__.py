@@ -52,8 +52,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="4 KiB random reads and writes: a vdpasim blk device against qemu-storage-daemon, over vhost-user",
         description="A compiled virtio-blk driver loop (this process) on one split queue over vhost-user against "
         "(a) a vdpasim blk device with a RAM disk in a child process and (b) qemu-storage-daemon exporting a tmpfs "
-        "image (iothread with polling, io_uring); alternating runs, medians of IOPS and per-request latency. "
-        "Every status byte and every block read is checked.",
+        "image (iothread with polling, Linux AIO on O_DIRECT); alternating runs, medians of IOPS and per-request "
+        "latency. Every status byte and every block read is checked.",
     )
     blk.add_argument("--op", choices=("read", "write"), action="append", help="random read or write (repeatable)")
     blk.add_argument("--qd", type=int, action="append", help="queue depth (repeatable; default 32, 1)")
