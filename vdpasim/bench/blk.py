@@ -564,7 +564,8 @@ def _pin(pid: int, cpu: int) -> None:
             os.sched_setaffinity(int(task), {cpu})
 
 
-def _stop(proc: subprocess.Popen, name: str) -> None:
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (both back-ends stop cleanly on it), SIGKILL if that takes over 10 s."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -615,7 +616,7 @@ def _process(
         _pin(proc.pid, cpu)
         yield backend
     finally:
-        _stop(proc, name)
+        _stop(proc)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
 
