@@ -860,7 +860,7 @@ def command(args: argparse.Namespace) -> int:
             f"{min(v):.1f}-{max(v):.1f}",
             f"{min(p):.1f}-{max(p):.1f}",
         )
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 150).print(table)  # a pipe or file: no 80-column squeeze
     return 0
 
 
