@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the project needs; each later capability adds its own here.
 # DPDK 22.11 (dpdk-testpmd is in dpdk-dev; its vhost and virtio_user drivers are separate packages) is the
-# peer of `vdpasim bench e2e`.
+# peer of `vdpasim bench e2e`. qemu-storage-daemon, the peer of `vdpasim bench blk`, is in qemu-system-common,
+# which qemu-system-x86 depends on.
 APT_PACKAGES=(gcc libc6-dev python3-venv qemu-system-x86 kmod iproute2
               dpdk dpdk-dev librte-net-vhost23 librte-net-virtio23)
 

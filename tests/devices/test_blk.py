@@ -443,6 +443,22 @@ def test_busy_poll_needs_no_kicks(packed):
         assert device.read_disk(7 * 8 * SECTOR, 512) == pattern(7, 512)
 
 
+@pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event-idx"])
+@pytest.mark.parametrize("packed", LAYOUTS)
+def test_busy_poll_signals_each_completion_while_it_watches_the_ring(packed, event_idx):
+    """A busy-polled queue is watched from compiled code between requests: what it completes before
+    watching is published and signalled at once, not when the watch ends."""
+    with Rig(BlkConfig("blk0", busy_poll=True), packed=packed, event_idx=event_idx) as (device, driver):
+        for i in range(20):
+            driver.submit(OUT, i * 8, pattern(i, 512), kick=False)
+            started = time.monotonic()
+            (done,) = driver.wait(1)
+            assert done.status == OK
+            assert time.monotonic() - started < 1.0
+            assert driver.interrupts() == i + 1  # one signal per request, none missing
+        assert device.read_disk(19 * 8 * SECTOR, 512) == pattern(19, 512)
+
+
 # ----- errors -----
 
 

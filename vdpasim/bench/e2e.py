@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import queue
 import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
+from .common import alternation, pick_cpus, print_json, progress_printer
 
 __all__ = ["E2EError", "Result", "find_testpmd", "run_benchmark", "command", "DEVICE_MAC"]
 
@@ -110,12 +109,6 @@ def find_testpmd() -> str:
     if path is None:
         raise UsageError(INSTALL_HINT)
     return path
-
-
-def pick_cpus() -> tuple[int, int]:
-    """(back-end CPU, front-end CPU): two different CPUs of our affinity set where there are two."""
-    cpus = sorted(os.sched_getaffinity(0))
-    return cpus[0], cpus[-1]
 
 
 # --- one testpmd ---
@@ -395,8 +388,7 @@ def run_benchmark(
                 for size in sizes:
                     result = Result(ring, size)
                     for run in range(runs):
-                        order = ("vdpasim", "peer") if run % 2 == 0 else ("peer", "vdpasim")
-                        for side in order:
+                        for side in alternation(run):
                             say(f"{result.case}: run {run + 1}/{runs}, {side}")
                             getattr(result, side).append(measure(side, ring, size, seconds))
                         say(
@@ -416,10 +408,7 @@ def command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     errors = Console(stderr=True)
-
-    def progress(text: str) -> None:
-        errors.print(f"[{time.strftime('%H:%M:%S')}] {text}", markup=False, highlight=False)
-
+    progress = progress_printer(errors)
     try:
         results = run_benchmark(
             args.ring or ["split", "packed"],
@@ -442,8 +431,7 @@ def command(args: argparse.Namespace) -> int:
         sides = {"vdpasim": [r.vdpasim for r in results], "DPDK vhost": [r.peer for r in results]}
         plot_medians(args.plot, title, "Mpps", [r.case for r in results], sides)
     if args.json:
-        json.dump([r.as_dict() for r in results], sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(r.as_dict() for r in results)
         return 0
     table = Table(title=title)
     for name in ("ring", "bytes", "vdpasim Mpps", "DPDK vhost Mpps", "vdpasim/DPDK", "vdpasim range", "DPDK range"):

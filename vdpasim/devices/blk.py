@@ -41,6 +41,7 @@ from ..jit.blk import (
     P_MAX_WRITE_ZEROES_SECTORS,
     P_MAX_WRITE_ZEROES_SEG,
     P_PERSISTENT,
+    P_POLL_CYCLES,
     P_READ_ONLY,
     P_SEG_MAX,
     P_SIZE_MAX,
@@ -54,9 +55,18 @@ from ..rings.state import RingStatus
 from ..virtio import constants as c
 from .core import SimDevice
 
-__all__ = ["BlkDevice", "BlkBacking", "BLK_CONFIG_SIZE", "BURST", "MAX_DISCARD_SECTORS", "MAX_DISCARD_SEG"]
+__all__ = [
+    "BlkDevice",
+    "BlkBacking",
+    "BLK_CONFIG_SIZE",
+    "BURST",
+    "POLL_WATCH_CYCLES",
+    "MAX_DISCARD_SECTORS",
+    "MAX_DISCARD_SEG",
+]
 
 BURST = 64  # requests per kernel call: enough to amortise the call, few enough to stay fair to other queues
+POLL_WATCH_CYCLES = 100_000  # about 40 us at 2.5 GHz: what a pause() of the data path may wait longer
 
 MAX_DISCARD_SECTORS = 0xFFFFFFFF  # vdpa_sim_blk's VDPASIM_BLK_DWZ_MAX_SECTORS, for write-zeroes as well
 MAX_DISCARD_SEG = 1  # vdpa_sim_blk (and QEMU): one range per discard or write-zeroes request
@@ -197,6 +207,10 @@ class BlkDevice(SimDevice):
         params[P_MAX_WRITE_ZEROES_SECTORS] = MAX_DISCARD_SECTORS
         params[P_MAX_WRITE_ZEROES_SEG] = MAX_DISCARD_SEG
         params[P_BUSY_POLL] = config.busy_poll
+        # One busy-polled queue is watched from compiled code between requests (jit/blk.py: a request is
+        # seen within nanoseconds instead of a Python turn of the data-path loop later); with several
+        # queues, watching one would delay the others, so the loop visits each in turn.
+        params[P_POLL_CYCLES] = POLL_WATCH_CYCLES if config.busy_poll and config.num_queues == 1 else 0
         self.params = params
         self.ident = np.zeros(c.VIRTIO_BLK_ID_BYTES, dtype=np.uint8)
         serial = config.serial.encode("ascii")

@@ -45,9 +45,7 @@ marked in flight when fetched and cleared when its completion is published (jit/
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..rings.state import RingStatus
@@ -69,7 +67,7 @@ from ..virtio.constants import (
 from . import kernel
 from .chain import IOV_ADDR, IOV_LEN, iov_gather, iov_length, iov_scatter
 from .inflight import inflight_packed_walk, inflight_pop, inflight_publish, inflight_push, inflight_pushed
-from .intrinsics import load_u32, load_u64, memset, store_u8
+from .intrinsics import call_libc, cycles, load_u32, load_u64, memset, store_u8
 from .log import log_host, log_iov
 from .split import split_walk
 from .vq import vq_disable_notify, vq_enable_notify, vq_has_avail, vq_needs_notify, vq_pop, vq_publish, vq_push
@@ -89,6 +87,7 @@ __all__ = [
     "P_MAX_WRITE_ZEROES_SECTORS",
     "P_MAX_WRITE_ZEROES_SEG",
     "P_BUSY_POLL",
+    "P_POLL_CYCLES",
     "BLK_PARAMS",
     "SCRATCH_BYTES",
     "new_blk_params",
@@ -114,7 +113,8 @@ __all__ = [
     P_MAX_WRITE_ZEROES_SECTORS,
     P_MAX_WRITE_ZEROES_SEG,
     P_BUSY_POLL,  # 1: the data-path thread polls, so drivers need not kick
-) = range(14)
+    P_POLL_CYCLES,  # busy-polling: how long (cycle counter) an empty queue is watched here before returning
+) = range(15)
 BLK_PARAMS = 16
 
 SCRATCH_BYTES = 64  # a header or a discard segment split across descriptors is gathered here
@@ -142,27 +142,12 @@ def new_blk_params() -> np.ndarray:
     return params
 
 
-def _call_libc(context, builder, name, values, value_types, arg_bits):
-    """Emit a call to libc's ``name`` (int result) with integer arguments of the given widths.
-
-    The symbol is only declared in the generated module; the JIT linker resolves it in the running
-    process (libc is always loaded), so the compiled code can be cached like any other.
-    """
-    fnty = ir.FunctionType(ir.IntType(32), [ir.IntType(bits) for bits in arg_bits])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-    args = []
-    for value, value_type, bits in zip(values, value_types, arg_bits, strict=True):
-        wide = context.cast(builder, value, value_type, types.int64)
-        args.append(builder.trunc(wide, ir.IntType(bits)) if bits < 64 else wide)
-    return builder.sext(builder.call(fn, args), ir.IntType(64))
-
-
 @intrinsic
 def libc_fdatasync(typingctx, fd):
     """int fdatasync(int fd), as int64: 0 or -1."""
 
     def codegen(context, builder, signature, args):
-        return _call_libc(context, builder, "fdatasync", args, signature.args, (32,))
+        return call_libc(context, builder, "fdatasync", args, signature.args, (32,))
 
     return types.int64(fd), codegen
 
@@ -172,7 +157,7 @@ def libc_fallocate(typingctx, fd, mode, offset, length):
     """int fallocate(int fd, int mode, off_t offset, off_t len), as int64: 0 or -1."""
 
     def codegen(context, builder, signature, args):
-        return _call_libc(context, builder, "fallocate", args, signature.args, (32, 32, 64, 64))
+        return call_libc(context, builder, "fallocate", args, signature.args, (32, 32, 64, 64))
 
     return types.int64(fd, mode, offset, length), codegen
 
@@ -352,12 +337,16 @@ def blk_burst(q_state, rows, iov, disk, params, ident, scratch, budget):
     ``status`` is OK or the ring fault that stopped the burst (recorded in the queue record); ``notify``
     says whether to signal the driver; ``more`` that requests are waiting (the budget ran out, or some
     arrived while notifications were being re-enabled). Kicks are suppressed while the burst runs and
-    requested again before it returns (unless the thread busy-polls), so none is lost.
+    requested again before it returns (unless the thread busy-polls), so none is lost. A busy-polling
+    thread publishes its completions when the ring runs dry and, unless the driver wants a signal, watches
+    the ring for ``P_POLL_CYCLES`` before returning to Python.
     """
     q = q_state[0]
     vq_disable_notify(q)
     status = _OK
     done = 0
+    published = 0
+    notify = False
     more = False
     while True:
         if done == budget:
@@ -367,6 +356,17 @@ def blk_burst(q_state, rows, iov, disk, params, ident, scratch, budget):
         status, head, ndesc, n, readable = vq_pop(q, rows, iov)
         if status == _EMPTY:
             if params[P_BUSY_POLL]:
+                if done > published:
+                    # Complete what was served before waiting for more; a driver that wants a signal gets it now.
+                    vq_publish(q)
+                    if q.inflight:
+                        inflight_publish(q)
+                    published = done
+                    if vq_needs_notify(q):
+                        notify = True
+                        break
+                if _watch(q, params[P_POLL_CYCLES]):
+                    continue
                 break
             # Ask for a kick, then look again: the driver may have added a request before it saw the
             # request for kicks (§2.7.10, §2.8.10).
@@ -389,8 +389,24 @@ def blk_burst(q_state, rows, iov, disk, params, ident, scratch, budget):
     vq_publish(q)
     if q.inflight:
         inflight_publish(q)
-    notify = done > 0 and vq_needs_notify(q)
+    notify = notify or (done > published and vq_needs_notify(q))
     return status, done, notify, more
+
+
+@kernel(inline=True)
+def _watch(q, limit):
+    """Busy-polling: watch an empty queue for up to ``limit`` cycles; whether a request arrived.
+
+    Compiled, a new request is seen within nanoseconds, where one more turn of the data-path thread's
+    Python loop costs microseconds: this is what the latency of a busy-polled queue is made of at low depth.
+    """
+    if limit <= 0:
+        return False
+    end = cycles() + limit
+    while not vq_has_avail(q):
+        if cycles() > end:
+            return False
+    return True
 
 
 @kernel(inline=True)

@@ -1,4 +1,5 @@
-"""LLVM-level building blocks Numba lacks: raw loads/stores, memcpy/memset, an atomic OR, memory fences.
+"""LLVM-level building blocks Numba lacks: raw loads/stores, memcpy/memset, an atomic OR, memory fences,
+the cycle counter, and calls into libc.
 
 Guest memory is shared with another thread or process (the driver), so ring fields are read and
 written through host addresses, as a kernel or DPDK back-end does. Every address passed here was
@@ -32,6 +33,8 @@ __all__ = [
     "fence_acquire",
     "fence_release",
     "fence_full",
+    "cycles",
+    "call_libc",
 ]
 
 
@@ -164,3 +167,32 @@ fence_acquire = _make_fence("acquire")
 fence_release = _make_fence("release")
 # full: order a store before a later load, for event-index checks (virtio_mb).
 fence_full = _make_fence("seq_cst")
+
+
+@intrinsic
+def cycles(typingctx):
+    """The CPU's cycle counter (``llvm.readcyclecounter``: rdtsc on x86), as int64: per-request time stamps
+    for a few nanoseconds each, where a clock_gettime through Python would cost a microsecond."""
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(64), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.readcyclecounter")
+        return builder.call(fn, [])
+
+    return types.int64(), codegen
+
+
+def call_libc(context, builder, name, values, value_types, arg_bits):
+    """Emit, inside an intrinsic's codegen, a call to libc's ``name`` (int result, as int64) with integer
+    arguments of the given widths (a pointer is a 64-bit integer).
+
+    The symbol is only declared in the generated module; the JIT linker resolves it in the running
+    process (libc is always loaded), so the compiled code can be cached like any other.
+    """
+    fnty = ir.FunctionType(ir.IntType(32), [ir.IntType(bits) for bits in arg_bits])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    args = []
+    for value, value_type, bits in zip(values, value_types, arg_bits, strict=True):
+        wide = context.cast(builder, value, value_type, types.int64)
+        args.append(builder.trunc(wide, ir.IntType(bits)) if bits < 64 else wide)
+    return builder.sext(builder.call(fn, args), ir.IntType(64))
