@@ -34,9 +34,11 @@ KEYS = {
 }
 
 
-def test_one_short_case_gives_sane_json() -> None:
+def test_one_short_case_gives_sane_json(tmp_path) -> None:
     # A child process: the bench pins itself to one CPU and its back-ends to the other.
+    plot = tmp_path / "blk.png"
     argv = ["bench", "blk", "--json", "--runs", "1", "--seconds", "0.3", "--warmup", "0.1", "--disk-mib", "8"]
+    argv += ["--plot", str(plot)]
     done = subprocess.run(
         [sys.executable, "-m", "vdpasim.cli", *argv, "--op", "read", "--qd", "4"],
         capture_output=True,
@@ -54,6 +56,7 @@ def test_one_short_case_gives_sane_json() -> None:
         assert 0 < result[f"{side}_p50_us"] <= result[f"{side}_p99_us"]
     assert "randread-qd4: run 1/1" in done.stderr  # progress while it runs
     assert "reading back all 2048 blocks" in done.stderr  # the final verification ran on both
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _disk_file(backend: blk.Backend) -> str:

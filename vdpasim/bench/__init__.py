@@ -48,8 +48,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     e2e.add_argument(
         "--no-huge", action="store_true", help="run the testpmds on plain memory even where hugepages can be reserved"
     )
-    e2e.add_argument("--json", action="store_true", help="print a JSON list (one object per case) instead of a table")
-    e2e.add_argument("--plot", metavar="FILE.png", help="also draw the medians and ranges")
+    _output_options(e2e)
     e2e.set_defaults(handler=_e2e)
     blk = verbs.add_parser(
         "blk",
@@ -68,8 +67,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     blk.add_argument(
         "--no-busy-poll", action="store_true", help="run the vdpasim device on kicks instead of busy-polling"
     )
-    blk.add_argument("--json", action="store_true", help="print a JSON list (one object per case) instead of a table")
+    _output_options(blk)
     blk.set_defaults(handler=_blk)
+
+
+def _output_options(verb: argparse.ArgumentParser) -> None:
+    verb.add_argument("--json", action="store_true", help="print a JSON list (one object per case) instead of a table")
+    verb.add_argument("--plot", metavar="FILE.png", help="also draw each side's medians and ranges per case")
 
 
 def _rings(args: argparse.Namespace) -> int:

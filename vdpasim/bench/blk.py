@@ -826,14 +826,23 @@ def command(args: argparse.Namespace) -> int:
     except (UsageError, BlkBenchError) as exc:
         errors.print(f"vdpasim bench blk: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 1
+    mode = "kicks" if args.no_busy_poll else "busy-poll"
+    title = (
+        f"4 KiB random I/O, one queue, medians of {args.runs} alternations "
+        f"(vdpasim: RAM disk, {mode}; qemu-storage-daemon: tmpfs image, iothread polling, aio={QSD_AIO})"
+    )
+    if args.plot:
+        from .plot import plot_medians
+
+        sides = {
+            "vdpasim": [[x.iops / 1e3 for x in r.vdpasim] for r in results],
+            "qemu-storage-daemon": [[x.iops / 1e3 for x in r.peer] for r in results],
+        }
+        plot_medians(args.plot, title, "kIOPS", [r.case for r in results], sides)
     if args.json:
         print_json(r.as_dict() for r in results)
         return 0
-    mode = "kicks" if args.no_busy_poll else "busy-poll"
-    table = Table(
-        title=f"4 KiB random I/O, one queue, medians of {args.runs} alternations "
-        f"(vdpasim: RAM disk, {mode}; qemu-storage-daemon: tmpfs image, iothread polling, aio={QSD_AIO})"
-    )
+    table = Table(title=title)
     columns = (
         "op",
         "QD",
