@@ -67,7 +67,7 @@ from ..jit.intrinsics import (
     store_u64,
 )
 from ..virtio import constants as c
-from .common import alternation, pick_cpus, print_json, progress_printer
+from .common import alternation, pick_cpus, print_json, progress_printer, require_program
 
 __all__ = [
     "BlkBenchError",
@@ -86,10 +86,7 @@ BLOCK = 4096
 QUEUE_SIZE = 256
 MAX_QUEUE_DEPTH = 64  # three descriptors per request: 192 of the 256
 DEFAULT_DISK_MIB = 128
-INSTALL_HINT = (
-    "qemu-storage-daemon not found: install QEMU (Debian: apt-get install qemu-system-x86, which brings "
-    "qemu-system-common; or run scripts/setup.sh)"
-)
+QSD_PACKAGES = ("qemu-system-x86",)  # qemu-storage-daemon is in qemu-system-common, which this brings
 # qemu-storage-daemon's settings, the best of those compared here (docs/benchmarks.md): an iothread that
 # polls up to 50 us before sleeping (QEMU's default is 32 us), Linux AIO with O_DIRECT (tmpfs takes it:
 # no second page-cache copy); io_uring, or no O_DIRECT, or the main loop instead of an iothread were slower.
@@ -550,11 +547,8 @@ class Disk:
 # --- the back-ends ---
 
 
-def find_qsd() -> str:
-    path = shutil.which("qemu-storage-daemon")
-    if path is None:
-        raise UsageError(INSTALL_HINT)
-    return path
+def find_qsd(say: Callable[[str], None] = lambda text: None) -> str:
+    return require_program("qemu-storage-daemon", QSD_PACKAGES, say)
 
 
 def _pin(pid: int, cpu: int) -> None:
@@ -746,8 +740,8 @@ def run_benchmark(
             raise UsageError(f"queue depth {qd} outside 1..{MAX_QUEUE_DEPTH}")
     if not 1 <= disk_mib <= 4096:
         raise UsageError("disk size must be 1..4096 MiB")
-    find_qsd()
     say = progress or (lambda text: None)
+    find_qsd(say)
     blocks = disk_mib * (1 << 20) // BLOCK
     back_cpu, front_cpu = pick_cpus()
     affinity = os.sched_getaffinity(0)

@@ -4,15 +4,41 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
+
+from ..errors import UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["pick_cpus", "alternation", "progress_printer", "print_json"]
+__all__ = ["require_program", "pick_cpus", "alternation", "progress_printer", "print_json"]
+
+
+def require_program(program: str, packages: Sequence[str], say: Callable[[str], None]) -> str:
+    """The path of ``program``. Missing, its Debian ``packages`` are installed with apt-get (as root, as
+    scripts/setup.sh would); elsewhere a UsageError says what to install."""
+    path = shutil.which(program)
+    if path is not None:
+        return path
+    hint = f"{program} not found: install it (Debian: apt-get install {' '.join(packages)}; or run scripts/setup.sh)"
+    apt = shutil.which("apt-get")
+    if apt is None or os.geteuid() != 0:
+        raise UsageError(hint)
+    say(f"{program} not found: installing {' '.join(packages)} with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in ([apt, "update", "-qq"], [apt, "install", "-y", "-qq", *packages]):
+        done = subprocess.run(argv, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise UsageError(f"{hint}. apt-get failed: {done.stderr.strip()[-400:]}")
+    path = shutil.which(program)
+    if path is None:
+        raise UsageError(hint)
+    return path
 
 
 def pick_cpus() -> tuple[int, int]:

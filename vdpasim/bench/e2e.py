@@ -39,17 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
-from .common import alternation, pick_cpus, print_json, progress_printer
+from .common import alternation, pick_cpus, print_json, progress_printer, require_program
 
 __all__ = ["E2EError", "Result", "find_testpmd", "run_benchmark", "command", "DEVICE_MAC"]
 
 # testpmd 22.11's flowgen sends every frame from 00:01:02:03:04:00 to 00:01:02:03:04:01 (fixed in flowgen.c;
 # --eth-peer does not change it): the device takes that MAC so its receive filter accepts them.
 DEVICE_MAC = "00:01:02:03:04:01"
-INSTALL_HINT = (
-    "dpdk-testpmd not found: install DPDK 22.11's testpmd and the vhost/virtio drivers "
-    "(Debian: apt-get install dpdk dpdk-dev librte-net-vhost23 librte-net-virtio23, or run scripts/setup.sh)"
-)
+# DPDK 22.11's testpmd is in dpdk-dev; its vhost and virtio_user drivers are packages of their own.
+DPDK_PACKAGES = ("dpdk", "dpdk-dev", "librte-net-vhost23", "librte-net-virtio23")
 MEMORY_MB = 256  # per testpmd: the memory the vhost-user back-end maps through SET_MEM_TABLE
 HUGEPAGE_KB = 2048
 # Two testpmds run at once (the front-end and the peer), plus slack for EAL's own allocations.
@@ -104,11 +102,8 @@ class Result:
         }
 
 
-def find_testpmd() -> str:
-    path = shutil.which("dpdk-testpmd")
-    if path is None:
-        raise UsageError(INSTALL_HINT)
-    return path
+def find_testpmd(say: Callable[[str], None] = lambda text: None) -> str:
+    return require_program("dpdk-testpmd", DPDK_PACKAGES, say)
 
 
 # --- one testpmd ---
@@ -354,9 +349,9 @@ def run_benchmark(
         raise UsageError("runs must be at least 1")
     if seconds <= 0:
         raise UsageError("seconds must be positive")
-    testpmd = find_testpmd()
-    back_cpu, front_cpu = pick_cpus()
     say = progress or (lambda text: None)
+    testpmd = find_testpmd(say)
+    back_cpu, front_cpu = pick_cpus()
     affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {back_cpu})  # this thread, and every thread started from now on (the device's)
     workdir = tempfile.mkdtemp(prefix="vdpasim-e2e-")
