@@ -122,7 +122,10 @@ def packed_prefetch(q, rows, ahead, for_write):
     """Start fetching what a pop ``ahead`` ring slots from now will touch: that slot's descriptor, and
     the buffer of the slot half as far ahead if the driver made it available (one descriptor per
     buffer is the common case; otherwise this merely fetches a slot early). A hint only."""
-    prefetch(q.desc + _DESC_SIZE * ((q.last_avail + ahead) % q.size), 0)
+    if ahead >= q.size:
+        return  # a ring this small: one subtraction below must bring a slot back inside it
+    far = q.last_avail + ahead
+    prefetch(q.desc + _DESC_SIZE * (far - q.size if far >= q.size else far), 0)  # no division per frame
     position = q.last_avail + (ahead >> 1)
     wrap = q.avail_wrap
     if position >= q.size:

@@ -61,6 +61,13 @@ _DESC_SIZE = 16
 
 
 @kernel(inline=True)
+def _slot(q, index):
+    """Ring slot of a free-running index. Split sizes are powers of two (Virtqueue.set_num checks it), so
+    a mask does what ``%`` would without a division per access; it stays below the size regardless."""
+    return index & (q.size - 1)
+
+
+@kernel(inline=True)
 def split_avail_idx(q):
     return load_u16(q.driver + 2)
 
@@ -83,7 +90,7 @@ def split_pop(q, rows, iov):
     if (avail_idx - q.last_avail) & 0xFFFF > q.size:
         return fail(q, _AHEAD, avail_idx, 0), 0, 0, 0, 0
     fence_acquire()  # read the ring entry only after the index that published it
-    head = load_u16(q.driver + 4 + 2 * (q.last_avail % q.size))
+    head = load_u16(q.driver + 4 + 2 * _slot(q, q.last_avail))
     status, n, readable = split_walk(q, rows, head, iov)
     if status != _OK:
         return status, head, 0, 0, 0
@@ -97,17 +104,17 @@ def split_prefetch(q, rows, ahead, for_write):
     entry it will fill, and the buffer of the chain half as far ahead (whose descriptor an earlier call
     fetched). Only a hint: nothing is checked beyond what keeps the addresses inside guest memory, and
     nothing is consumed."""
-    prefetch(q.device + 4 + 8 * ((q.used_idx + ahead) % q.size), 1)
+    prefetch(q.device + 4 + 8 * _slot(q, q.used_idx + ahead), 1)
     available = (split_avail_idx(q) - q.last_avail) & 0xFFFF
     if available > q.size:
         return  # split_pop reports this
     if available > ahead:
-        head = load_u16(q.driver + 4 + 2 * ((q.last_avail + ahead) % q.size))
+        head = load_u16(q.driver + 4 + 2 * _slot(q, q.last_avail + ahead))
         if head < q.size:
             prefetch(q.desc + _DESC_SIZE * head, 0)
     near = ahead >> 1
     if available > near:
-        head = load_u16(q.driver + 4 + 2 * ((q.last_avail + near) % q.size))
+        head = load_u16(q.driver + 4 + 2 * _slot(q, q.last_avail + near))
         if head < q.size:
             desc = q.desc + _DESC_SIZE * head
             if not load_u16(desc + 12) & VIRTQ_DESC_F_INDIRECT:
@@ -165,7 +172,7 @@ def split_walk(q, rows, head, iov):
 @kernel(inline=True)
 def split_push(q, head, ndesc, written):
     """Add one used element; the driver sees it at the next split_publish."""
-    elem = q.device + 4 + 8 * (q.used_idx % q.size)
+    elem = q.device + 4 + 8 * _slot(q, q.used_idx)
     store_u32(elem, head)
     store_u32(elem + 4, written)
     if q.log:
