@@ -30,6 +30,7 @@ __all__ = [
     "atomic_or_u8",
     "load_relaxed_u64",
     "prefetch",
+    "cpu_relax",
     "fence_acquire",
     "fence_release",
     "fence_full",
@@ -147,6 +148,19 @@ def prefetch(typingctx, addr, for_write):
         return context.get_dummy_value()
 
     return types.void(addr, for_write), codegen
+
+
+@intrinsic
+def cpu_relax(typingctx):
+    """x86 PAUSE: a busy-wait turn that lets the other CPU's writes to the lines we poll land first,
+    instead of our reads stealing those lines back from the driver over and over."""
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
 
 
 def _make_fence(ordering: str):
