@@ -200,6 +200,7 @@ class Supervisor:
         self.open_nodes: dict[tuple[int, int], NodeHandler] = {}  # (tgid, fd) -> handler
         self.calls = 0  # trapped calls answered, and the time spent answering them
         self.busy_seconds = 0.0
+        self.passed = 0  # of those, calls let through untouched (openat of other paths, ioctls on other fds)
         self.calls_by_syscall: dict[str, int] = {}  # openat counts every open: most are passed on untouched
         self._closed = False
         rules = [seccomp.Rule("openat"), seccomp.Rule("ioctl", ioctl_type=0xAF)]
@@ -322,6 +323,7 @@ class Supervisor:
             memory = TargetMemory(n.pid, tgid)
             handler = self.open_nodes.get((tgid, n.args[0] & 0xFFFFFFFF))
             if handler is None:
+                self.passed += 1
                 seccomp.respond_continue(self.listener, n.id)
                 return
             if name == "close":
@@ -345,6 +347,7 @@ class Supervisor:
         path = memory.read_string(n.args[1]).decode(errors="replace")
         factory = self.nodes.get(path)
         if factory is None or not seccomp.id_valid(self.listener, n.id):
+            self.passed += 1
             seccomp.respond_continue(self.listener, n.id)
             return
         tgid = self._tgid(n.pid)
