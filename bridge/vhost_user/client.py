@@ -31,6 +31,13 @@ Errors: a request the back-end refuses raises ``DeviceRequestError`` with the ba
 arrives through REPLY_ACK, or the extension's ``ErrorReply``); a back-end that answers out of turn
 raises ``SessionError``; a broken or silent connection raises ``TransportError`` and the client
 is unusable after it. One connection, one request at a time, under a lock.
+
+``defer_acks=True`` (the vhost-vdpa bridge: bridge/bypass.py) trades those errors for round trips on the
+requests whose vDPA counterpart cannot fail (``DEFERRED``: the kernel's set_vq_num, set_vq_cb, set_vq_ready,
+set_status, set_config, reset are void): they still ask for an ack, but the client does not wait for it; the
+acks are read, in order, before the next request that needs an answer, and a refusal found there is logged
+(and counted in ``deferred_refusals``). The status the client checks transitions against is then its own
+mirror of what it set, not a GET_STATUS per change. Everything else still waits for its answer.
 """
 
 from __future__ import annotations
@@ -77,6 +84,11 @@ _VHOST_TRANSPORT_BITS = 1 << VHOST_F_LOG_ALL | 1 << VHOST_USER_F_PROTOCOL_FEATUR
 # What vhost-vdpa answers for a parent without get_iova_range: everything.
 IOVA_FULL_RANGE = IovaRange(0, (1 << 64) - 1)
 _MAX_CONFIG_CHUNK = m.ConfigSpace.MAX_SIZE
+# Requests whose ack ``defer_acks`` does not wait for: their vDPA counterparts cannot fail.
+DEFERRED = frozenset(
+    {F.SET_OWNER, F.SET_VRING_NUM, F.SET_VRING_KICK, F.SET_VRING_CALL, F.SET_VRING_ENABLE, F.SET_STATUS,
+     F.SET_CONFIG, F.VDPA_SET_CONFIG_CALL, F.SET_BACKEND_REQ_FD, F.RESET_DEVICE}
+)  # fmt: skip
 
 
 def _signal(call: Call) -> None:
@@ -180,6 +192,7 @@ class VhostUserClient:
         backend_channel: bool = True,
         timeout: float = 30.0,
         name: str = "",
+        defer_acks: bool = False,
     ) -> None:
         if (path is None) == (sock is None):
             raise UsageError("give either the back-end's socket path or a connected socket")
@@ -192,7 +205,10 @@ class VhostUserClient:
         self._backend_thread: threading.Thread | None = None
         self._rings: dict[int, _Ring] = {}
         self._driver_features = 0
-        self._status = 0  # mirror, used when STATUS is not negotiated
+        self._status = 0  # mirror, used when STATUS is not negotiated (and by defer_acks for its checks)
+        self.defer_acks = defer_acks
+        self._pending: list[FrontendRequest] = []  # requests sent whose acks were not read yet (defer_acks)
+        self.deferred_refusals = 0
         self._generation = 0  # mirror: config changes the back-end channel reported
         self._config_call: Call = None
         self._config_own_call: int | None = None
@@ -314,23 +330,22 @@ class VhostUserClient:
             reply_type = m.payload_types(request)[1]
             need_reply = reply_type is None and ack and self.negotiated(P.REPLY_ACK)
             message = Message(request, payload if payload is not None else m.Empty(), tuple(fds), need_reply=need_reply)
+            deferred = need_reply and self.defer_acks and request in DEFERRED
+            if not deferred and self._pending and (reply_type is not None or need_reply):
+                self._drain(stream)
             try:
                 stream.send(message)
+                if deferred:
+                    self._pending.append(request)
+                    return None
                 if reply_type is None and not need_reply:
                     return None
-                reply = stream.receive()
             except (TransportError, CodecError) as exc:
                 self._broken(f"{request.name}: {exc}")
                 if isinstance(exc, CodecError):
                     raise SessionError(f"{request.name}: malformed reply from the back-end: {exc}") from exc
                 raise
-            if reply is None:
-                self._broken(f"the back-end closed the connection during {request.name}")
-                raise TransportError(f"the back-end closed the connection during {request.name}", reconnect=True)
-            close_fds(reply.fds)  # no reply we ask for carries fds; never keep what we did not ask for
-            if not reply.reply or reply.request is not request:
-                self._broken(f"answer {reply.request.name} to {request.name}")
-                raise SessionError(f"the back-end answered {request.name} with {reply.request.name}")
+            reply = self._receive(stream, request)
         if isinstance(reply.payload, m.ErrorReply):
             raise DeviceRequestError(f"{request.name} refused by the back-end", errno=reply.payload.errno)
         if need_reply:
@@ -343,6 +358,34 @@ class VhostUserClient:
                 )
             return None
         return reply.payload
+
+    def _receive(self, stream: MessageStream, request: FrontendRequest) -> Message:
+        """The back-end's answer to ``request`` (lock held)."""
+        try:
+            reply = stream.receive()
+        except (TransportError, CodecError) as exc:
+            self._broken(f"{request.name}: {exc}")
+            if isinstance(exc, CodecError):
+                raise SessionError(f"{request.name}: malformed reply from the back-end: {exc}") from exc
+            raise
+        if reply is None:
+            self._broken(f"the back-end closed the connection during {request.name}")
+            raise TransportError(f"the back-end closed the connection during {request.name}", reconnect=True)
+        close_fds(reply.fds)  # no reply we ask for carries fds; never keep what we did not ask for
+        if not reply.reply or reply.request is not request:
+            self._broken(f"answer {reply.request.name} to {request.name}")
+            raise SessionError(f"the back-end answered {request.name} with {reply.request.name}")
+        return reply
+
+    def _drain(self, stream: MessageStream) -> None:
+        """Read the acks of the deferred requests, in order (lock held); log the refusals."""
+        pending, self._pending = self._pending, []
+        for request in pending:
+            reply = self._receive(stream, request)
+            code = reply.payload.value if isinstance(reply.payload, m.U64) else errno.EIO
+            if code:
+                self.deferred_refusals += 1
+                self.log.warning("%s refused by the back-end (code %d), after the caller went on", request.name, code)
 
     def _u64(self, request: FrontendRequest) -> int:
         reply = self._call(request)
@@ -497,7 +540,7 @@ class VhostUserClient:
 
     def set_driver_features(self, features: int) -> None:
         with self._lock:
-            if self.get_status() & VIRTIO_CONFIG_S_FEATURES_OK:
+            if self._checked_status() & VIRTIO_CONFIG_S_FEATURES_OK:
                 raise DeviceRequestError(f"{self.name}: driver features are frozen once FEATURES_OK is set")
             if not 0 <= features < 1 << 64:
                 raise DeviceRequestError(f"{self.name}: driver features {features:#x} do not fit 64 bits")
@@ -505,6 +548,10 @@ class VhostUserClient:
 
     def get_driver_features(self) -> int:
         return self._driver_features
+
+    def _checked_status(self) -> int:
+        """The status transitions are checked against: the device's, or with defer_acks what we set."""
+        return self._status if self.defer_acks else self.get_status()
 
     def get_status(self) -> int:
         if self.negotiated(P.STATUS):
@@ -518,7 +565,7 @@ class VhostUserClient:
                 return
             if not 0 < status <= 0xFF:
                 raise DeviceRequestError(f"{self.name}: status {status:#x} is not a byte")
-            current = self.get_status()
+            current = self._checked_status()
             reason = status_change_error(current, status)
             if reason:
                 raise DeviceRequestError(f"{self.name}: {reason}")
@@ -527,8 +574,7 @@ class VhostUserClient:
                 status &= ~(VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
             if self.negotiated(P.STATUS):
                 self._call(F.SET_STATUS, m.U64(status))
-            else:
-                self._status = status
+            self._status = status
 
     def _send_features(self) -> bool:
         """SET_FEATURES with the proposed driver features; False if the back-end refused them."""

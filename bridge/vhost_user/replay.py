@@ -166,19 +166,23 @@ class ReplayingClient:
         reconnect_seconds: float = 30.0,
         wait_seconds: float = 2.0,
         connect: Callable[[], VhostUserClient] | None = None,
+        facts: dict[tuple[Any, ...], Any] | None = None,
     ) -> None:
         self.path = path
         self.name = name or os.path.basename(path)
         self.reconnect_seconds = reconnect_seconds
         self.wait_seconds = wait_seconds
-        self._connect = connect or (lambda: VhostUserClient(path, name=self.name))
+        # defer_acks: the vhost-vdpa side never learns of a refusal of a request whose kernel op cannot fail.
+        self._connect = connect or (lambda: VhostUserClient(path, name=self.name, defer_acks=True))
         self.stats = ReplayStats()
         self._lock = threading.RLock()
         self._up = threading.Event()
         self._closing = threading.Event()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._record = _Record()
-        self._cache: dict[tuple[Any, ...], Any] = {}
+        # The device's constant facts; ``facts`` shares them between the opens of one node (the same device
+        # comes back on the path: the replay assumes it too).
+        self._cache: dict[tuple[Any, ...], Any] = {} if facts is None else facts
         self._config: bytearray | None = None
         self._generation = 0
         self._down_at = 0.0
@@ -545,8 +549,9 @@ class ReplayingClient:
                 reason = status_change_error(self._record.status, status)
                 if reason:
                     raise PeerError(f"{self.name}: {reason}")
+            adds_features_ok = status & ~self._record.status & VIRTIO_CONFIG_S_FEATURES_OK
             done = self._forward("set_status", status, offline=lambda: _OFFLINE)
-            if done is _OFFLINE:
+            if done is _OFFLINE or not adds_features_ok:
                 self._record.status = status
             else:  # a refused FEATURES_OK is dropped by the client: keep what the device took
                 self._record.status = self._forward("get_status", offline=lambda: status)
@@ -590,6 +595,23 @@ class ReplayingClient:
 
     def get_iova_range(self) -> IovaRange:
         return self._const(None, "get_iova_range")
+
+    def get_group_num(self) -> int:
+        return self._const(None, "get_group_num")
+
+    def get_as_num(self) -> int:
+        return self._const(None, "get_as_num")
+
+    def get_backend_features(self) -> int:
+        return self._const(None, "get_backend_features")
+
+    def get_vq_group(self, idx: int) -> int:
+        """A device fact for the negotiated features (a group may depend on them, e.g. a control queue's)."""
+        with self._lock:
+            key = ("get_vq_group", idx, self._record.features)
+            if key not in self._cache:
+                self._cache[key] = self._forward("get_vq_group", idx)
+            return self._cache[key]
 
     def suspend(self) -> None:
         self._setter("suspend", lambda: setattr(self._record, "suspended", True))

@@ -230,6 +230,7 @@ class VhostVdpaServer:
         self._err: list[int | None] = [None] * self.nvqs
         self._busyloop = [0] * self.nvqs
         self._config_call: int | None = None
+        self._known: int | None = None  # the device's status as far as the server knows it (_driver_bits)
         self._reset("open")
 
     def _probe(self, name: str, default: int) -> int:
@@ -294,14 +295,32 @@ class VhostVdpaServer:
                 self.stats.seconds += time.perf_counter() - start
 
     def _status(self) -> int:
-        return self.ops.get_status() & 0xFF
+        """The device's status, read from it (it may have set NEEDS_RESET on its own)."""
+        status = self._known = self.ops.get_status() & 0xFF
+        return status
+
+    def _driver_bits(self) -> int:
+        """The status for FEATURES_OK / DRIVER_OK checks. Only the driver sets or clears those two bits (the
+        device adds NEEDS_RESET at most), so once the server knows the status it asks the device no more:
+        over the bridge each ask is a vhost-user round trip, and the vring ioctls check DRIVER_OK each time."""
+        return self._known if self._known is not None else self._status()
+
+    def _status_before_change(self) -> int:
+        """The status a SET_STATUS is checked against: the mirror before DRIVER_OK (no ring runs, so the device
+        cannot have set NEEDS_RESET), the device's own afterwards."""
+        known = self._known
+        if known is not None and not known & VIRTIO_CONFIG_S_DRIVER_OK:
+            return known
+        return self._status()
 
     def _backend_has(self, bit: int) -> bool:
         return bool(self.acked_backend_features >> bit & 1)
 
     def _reset(self, why: str, *, clean_map: bool | None = None) -> None:
         """vdpa_reset: the device forgets its state, and its map unless IOTLB_PERSIST was acked."""
+        self._known = None
         self.ops.reset()
+        self._known = 0
         self.suspended = False
         self._features_valid = False
         if clean_map is None:
@@ -381,15 +400,18 @@ class VhostVdpaServer:
 
     def _set_status(self, arg: int, caller: Caller) -> int:
         (status,) = _U8.unpack(caller.read(arg, 1))
-        old = self._status()
-        if status != 0 and old & ~status:
-            raise PeerError(f"status {status:#x} clears bits {old & ~status:#x} of {old:#x}", errno=errno.EINVAL)
         if status == 0:
             self._reset("status 0")
             return 0
+        old = self._status_before_change()
+        if old & ~status:
+            raise PeerError(f"status {status:#x} clears bits {old & ~status:#x} of {old:#x}", errno=errno.EINVAL)
+        # A device may refuse FEATURES_OK (and then keeps neither it nor DRIVER_OK): ask it next time.
+        self._known = None if status & ~old & VIRTIO_CONFIG_S_FEATURES_OK else status
         try:
             self.ops.set_status(status)
         except PeerError as exc:  # vdpa_set_status cannot fail: the driver reads the status back
+            self._known = None
             log.info("%s: the device did not take status %#x: %s", self.name, status, exc)
         return 0
 
@@ -428,7 +450,7 @@ class VhostVdpaServer:
         return self._put(caller, arg, _U64, self.ops.get_device_features() & _U64_MAX)
 
     def _set_features(self, arg: int, caller: Caller) -> int:
-        if self._status() & VIRTIO_CONFIG_S_FEATURES_OK:
+        if self._driver_bits() & VIRTIO_CONFIG_S_FEATURES_OK:
             raise PeerError("features are frozen once FEATURES_OK is set", errno=errno.EBUSY)
         (features,) = _U64.unpack(caller.read(arg, 8))
         self._features_valid = True
@@ -480,7 +502,7 @@ class VhostVdpaServer:
         return self._put(caller, arg, _U32, self.nvqs)
 
     def _suspend(self, arg: int, caller: Caller) -> int:
-        if not self._status() & VIRTIO_CONFIG_S_DRIVER_OK:
+        if not self._driver_bits() & VIRTIO_CONFIG_S_DRIVER_OK:
             return 0
         if not supports(self.ops, "suspend"):
             raise PeerError("the device cannot suspend", errno=errno.EOPNOTSUPP)
@@ -489,7 +511,7 @@ class VhostVdpaServer:
         return 0
 
     def _resume(self, arg: int, caller: Caller) -> int:
-        if not self._status() & VIRTIO_CONFIG_S_DRIVER_OK:
+        if not self._driver_bits() & VIRTIO_CONFIG_S_DRIVER_OK:
             return 0
         if not supports(self.ops, "resume"):
             raise PeerError("the device cannot resume", errno=errno.EOPNOTSUPP)
@@ -563,7 +585,7 @@ class VhostVdpaServer:
                 raise PeerError("the device has no get_vq_size", errno=errno.EOPNOTSUPP)
             return self._put(caller, arg, a.VHOST_VRING_STATE, idx, ops.get_vq_size(idx) & 0xFFFFFFFF)  # type: ignore[attr-defined]
         packed = bool(ops.get_driver_features() >> VIRTIO_F_RING_PACKED & 1)
-        running = bool(self._status() & VIRTIO_CONFIG_S_DRIVER_OK) and not self.suspended
+        running = bool(self._driver_bits() & VIRTIO_CONFIG_S_DRIVER_OK) and not self.suspended
         if request == a.VHOST_SET_VRING_NUM:
             _, num = a.VHOST_VRING_STATE.unpack(caller.read(arg, 8))
             if not num or num > 0xFFFF or num & (num - 1):
