@@ -316,7 +316,13 @@ class VhostUserClient:
 
     # ----- one request, one answer -----
     def _call(
-        self, request: FrontendRequest, payload: m.Payload | None = None, fds: Sequence[int] = (), *, ack: bool = True
+        self,
+        request: FrontendRequest,
+        payload: m.Payload | None = None,
+        fds: Sequence[int] = (),
+        *,
+        ack: bool = True,
+        defer: bool | None = None,
     ) -> m.Payload | None:
         """Send ``request``; return its reply payload (None for requests without one).
 
@@ -330,7 +336,7 @@ class VhostUserClient:
             reply_type = m.payload_types(request)[1]
             need_reply = reply_type is None and ack and self.negotiated(P.REPLY_ACK)
             message = Message(request, payload if payload is not None else m.Empty(), tuple(fds), need_reply=need_reply)
-            deferred = need_reply and self.defer_acks and request in DEFERRED
+            deferred = need_reply and self.defer_acks and (request in DEFERRED if defer is None else defer)
             if not deferred and self._pending and (reply_type is not None or need_reply):
                 self._drain(stream)
             try:
@@ -684,7 +690,8 @@ class VhostUserClient:
         fds = [self._fd_of(region) for region in table.regions]
         with self._lock:
             if len(regions) <= MAX_MEM_REGIONS:
-                self._call(F.SET_MEM_TABLE, m.MemoryTable(tuple(regions)), fds)
+                # An empty table (a reset's clean map) cannot fail on a vDPA device: no need to wait for it.
+                self._call(F.SET_MEM_TABLE, m.MemoryTable(tuple(regions)), fds, defer=not regions)
             elif self.negotiated(P.CONFIGURE_MEM_SLOTS):
                 for region in self._sent_regions:
                     self._call(F.REM_MEM_REG, m.SingleMemoryRegion(region))

@@ -180,6 +180,7 @@ class ReplayingClient:
         self._closing = threading.Event()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._record = _Record()
+        self._status_unsure = False  # the record's FEATURES_OK awaits the device's word (set_status)
         # The device's constant facts; ``facts`` shares them between the opens of one node (the same device
         # comes back on the path: the replay assumes it too).
         self._cache: dict[tuple[Any, ...], Any] = {} if facts is None else facts
@@ -342,6 +343,7 @@ class ReplayingClient:
 
     def _replay(self, client: VhostUserClient) -> None:
         record = self._record
+        self._status_unsure = False  # replayed as recorded: a refused FEATURES_OK is refused again
         running = bool(record.status & VIRTIO_CONFIG_S_DRIVER_OK)
         bases: dict[int, VqState] = {}
         for idx, queue in record.queues.items():
@@ -538,7 +540,13 @@ class ReplayingClient:
         with self._lock:
             if self.stats.gave_up:
                 return self._record.status | VIRTIO_CONFIG_S_NEEDS_RESET
-            return self._forward("get_status", offline=lambda: self._record.status)
+            status = self._forward("get_status", offline=lambda: _OFFLINE)
+            if status is _OFFLINE:
+                return self._record.status
+            if self._status_unsure:
+                self._record.status = status & ~VIRTIO_CONFIG_S_NEEDS_RESET
+                self._status_unsure = False
+            return status
 
     def set_status(self, status: int) -> None:
         if status == 0:
@@ -549,15 +557,16 @@ class ReplayingClient:
                 reason = status_change_error(self._record.status, status)
                 if reason:
                     raise PeerError(f"{self.name}: {reason}")
-            adds_features_ok = status & ~self._record.status & VIRTIO_CONFIG_S_FEATURES_OK
+            adds = bool(status & ~self._record.status & VIRTIO_CONFIG_S_FEATURES_OK)
             done = self._forward("set_status", status, offline=lambda: _OFFLINE)
-            if done is _OFFLINE or not adds_features_ok:
-                self._record.status = status
-            else:  # a refused FEATURES_OK is dropped by the client: keep what the device took
-                self._record.status = self._forward("get_status", offline=lambda: status)
+            self._record.status = status
+            # The device may not keep FEATURES_OK (the client drops it with refused features): the next status
+            # read says what it took, so no read here (a VMM reads it back anyway, virtio §3.1.1 step 6).
+            self._status_unsure = done is not _OFFLINE and (adds or self._status_unsure)
 
     def reset(self) -> None:
         self._setter("reset", self._record.reset)
+        self._status_unsure = False
 
     def get_config_size(self) -> int:
         return self._const(None, "get_config_size")

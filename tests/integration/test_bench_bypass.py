@@ -7,7 +7,6 @@ the bypass's data path traps nothing.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import subprocess
@@ -15,12 +14,13 @@ import sys
 
 import pytest
 
+from vdpasim.testing.daemon import process_gone
+
 START_KEYS = {"door", "starts", "wall_ms", "answered", "passed", "supervisor_ms", "server_ms", "ioctls", "writes"}
 TRAFFIC_KEYS = {"case", "ring", "packet_bytes", "direct_mpps", "bypass_mpps", "ratio", "frames_checked", "trap_growth"}
 
 
 def test_one_short_case_end_to_end():
-    sockets_before = set(glob.glob("/tmp/vds-*/run/*.sock"))
     argv = ["bench", "bypass", "--json", "--runs", "1", "--starts", "2", "--seconds", "0.3", "--size", "64"]
     done = subprocess.run(
         [sys.executable, "-m", "vdpasim.cli", *argv],
@@ -51,4 +51,5 @@ def test_one_short_case_end_to_end():
     assert traffic["frames_checked"] > 0 and traffic["bad_frames"] == 0
     assert traffic["trap_growth"] == [0]  # the data path never reaches the supervisor
     assert "split-64: run 1/1" in done.stderr  # progress while it runs
-    assert set(glob.glob("/tmp/vds-*/run/*.sock")) <= sockets_before  # the daemon's sockets are gone
+    assert not os.path.exists(report["device"]["socket"])  # the bench's daemon is gone, and its sockets
+    assert process_gone(report["device"]["daemon_pid"])

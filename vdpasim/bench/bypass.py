@@ -511,8 +511,8 @@ class TrafficResult:
 
 
 @contextlib.contextmanager
-def _daemon(cpu: int, progress: Callable[[str], None]) -> Iterator[tuple[Any, str, str]]:
-    """A daemon pinned to ``cpu`` with one busy-polling loopback net device: (runtime, node, socket)."""
+def _daemon(cpu: int, progress: Callable[[str], None]) -> Iterator[tuple[Any, str, str, int]]:
+    """A daemon pinned to ``cpu`` with one busy-polling loopback net device: (runtime, node, socket, pid)."""
     from ..testing.daemon import DaemonProcess
 
     affinity = os.sched_getaffinity(0)
@@ -527,7 +527,7 @@ def _daemon(cpu: int, progress: Callable[[str], None]) -> Iterator[tuple[Any, st
         shown = daemon.json("-x", "dev", "show", "bench0")["dev"]["bench0"]
         node, sock = shown["vhost_vdpa_node"], shown["vhost_user_socket"]
         progress(f"daemon {daemon.pid} on CPU {cpu}: device bench0, {node}, {sock}")
-        yield daemon.runtime, node, sock
+        yield daemon.runtime, node, sock, daemon.pid
     finally:
         daemon.cleanup()
 
@@ -550,7 +550,8 @@ def run_benchmark(
     log = open(os.devnull, "w")  # noqa: SIM115 - the harnesses' stderr, closed below
     affinity = os.sched_getaffinity(0)
     try:
-        with _daemon(back_cpu, say) as (runtime, node, sock):
+        with _daemon(back_cpu, say) as (runtime, node, sock, pid):
+            report["device"] = {"node": node, "socket": sock, "daemon_pid": pid}
             # The supervisor works while the harness waits in its call: they share the harness's CPU, and the
             # device's busy-polling thread has the other one to itself, as a VMM's vCPU would not.
             os.sched_setaffinity(0, {front_cpu})
