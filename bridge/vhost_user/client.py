@@ -51,6 +51,7 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from vdpasim.errors import CodecError, DeviceRequestError, PeerError, SessionError, TransportError, UsageError
 from vdpasim.memory import Region, RegionTable
@@ -209,6 +210,8 @@ class VhostUserClient:
         self.defer_acks = defer_acks
         self._pending: list[FrontendRequest] = []  # requests sent whose acks were not read yet (defer_acks)
         self.deferred_refusals = 0
+        self.sent = 0  # requests sent, and answers waited for (a round trip each): what the bench counts
+        self.waited = 0
         self._generation = 0  # mirror: config changes the back-end channel reported
         self._config_call: Call = None
         self._config_own_call: int | None = None
@@ -341,6 +344,7 @@ class VhostUserClient:
                 self._drain(stream)
             try:
                 stream.send(message)
+                self.sent += 1
                 if deferred:
                     self._pending.append(request)
                     return None
@@ -351,6 +355,7 @@ class VhostUserClient:
                 if isinstance(exc, CodecError):
                     raise SessionError(f"{request.name}: malformed reply from the back-end: {exc}") from exc
                 raise
+            self.waited += 1
             reply = self._receive(stream, request)
         if isinstance(reply.payload, m.ErrorReply):
             raise DeviceRequestError(f"{request.name} refused by the back-end", errno=reply.payload.errno)
@@ -392,6 +397,66 @@ class VhostUserClient:
             if code:
                 self.deferred_refusals += 1
                 self.log.warning("%s refused by the back-end (code %d), after the caller went on", request.name, code)
+
+    def _call_many(self, calls: Sequence[tuple[FrontendRequest, m.Payload | None]]) -> list[m.Payload]:
+        """Requests that each have a reply, sent back to back: their replies, in order, for one round trip."""
+        with self._lock:
+            stream = self._stream
+            if stream is None:
+                raise TransportError(f"{self.name}: not connected")
+            if self._pending:
+                self._drain(stream)
+            for request, payload in calls:
+                if m.payload_types(request)[1] is None:
+                    raise UsageError(f"{request.name} has no reply to pipeline")
+                try:
+                    stream.send(Message(request, payload if payload is not None else m.Empty()))
+                except (TransportError, CodecError) as exc:
+                    self._broken(f"{request.name}: {exc}")
+                    raise TransportError(f"{request.name}: {exc}") from exc
+                self.sent += 1
+            self.waited += 1
+            replies = [self._receive(stream, request) for request, _ in calls]
+        for (request, _), reply in zip(calls, replies, strict=True):
+            if isinstance(reply.payload, m.ErrorReply):
+                raise DeviceRequestError(f"{request.name} refused by the back-end", errno=reply.payload.errno)
+        return [reply.payload for reply in replies]
+
+    def device_facts(self) -> dict[str, Any]:
+        """The device's constants in one round trip (vDPA extension), keyed by the DeviceOps that reads each:
+        a bridge asks them once instead of once per ioctl. Empty without the extension."""
+        if not self.negotiated(P.VDPA):
+            return {}
+        names = {
+            "get_device_id": F.VDPA_GET_DEVICE_ID,
+            "get_vendor_id": F.VDPA_GET_VENDOR_ID,
+            "get_vq_num_max": F.VDPA_GET_VRING_NUM,
+            "get_config_size": F.VDPA_GET_CONFIG_SIZE,
+            "get_group_num": F.VDPA_GET_GROUP_NUM,
+            "get_as_num": F.VDPA_GET_AS_NUM,
+            "get_backend_features": F.VDPA_GET_BACKEND_FEATURES,
+        }
+        replies = self._call_many([(request, None) for request in (*names.values(), F.VDPA_GET_IOVA_RANGE)])
+        facts: dict[str, Any] = {}
+        for name, reply in zip(names, replies, strict=False):
+            assert isinstance(reply, m.U64)
+            facts[name] = reply.value
+        span = replies[-1]
+        assert isinstance(span, m.IovaRange)
+        facts["get_iova_range"] = IovaRange(span.first, span.last)
+        return facts
+
+    def config_snapshot(self, size: int) -> tuple[bytes, int]:
+        """(the whole config space of ``size`` bytes, its generation), in one round trip where the extension allows."""
+        if not self.negotiated(P.VDPA) or not 0 < size <= _MAX_CONFIG_CHUNK:
+            return self.get_config(0, size), self.get_generation()
+        config, generation = self._call_many(
+            [(F.GET_CONFIG, m.ConfigSpace(0, size, 0, bytes(size))), (F.VDPA_GET_CONFIG_GENERATION, None)]
+        )
+        assert isinstance(config, m.ConfigSpace) and isinstance(generation, m.U64)
+        if config.size != size or config.offset != 0:
+            raise DeviceRequestError(f"{self.name}: the back-end refused config read 0+{size}")
+        return config.data, generation.value
 
     def _u64(self, request: FrontendRequest) -> int:
         reply = self._call(request)

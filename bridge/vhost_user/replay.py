@@ -209,17 +209,28 @@ class ReplayingClient:
     def connected(self) -> bool:
         return self._client is not None
 
+    @property
+    def connection(self) -> VhostUserClient:
+        """The vhost-user client in use (or last used): its ``sent``/``waited`` counters say what an open cost."""
+        return self._client or self._last
+
     def _attach(self, client: VhostUserClient) -> None:
         """Make ``client`` the current connection (lock held, or in __init__)."""
         self._watch_fd = os.dup(client.fileno())
-        self._client = client
+        self._client = self._last = client
         self._up.set()
 
     def _snapshot_config(self, client: VhostUserClient) -> None:
         try:
+            if not self._cache:  # the device's constants, all in one round trip (a node shares them: bypass.py)
+                for name, value in client.device_facts().items():
+                    self._cache[(name,)] = value
             size = self._const(client, "get_config_size")
-            self._config = bytearray(client.get_config(0, size)) if size else bytearray()
-            self._generation = client.get_generation()
+            if size:
+                config, self._generation = client.config_snapshot(size)
+                self._config = bytearray(config)
+            else:
+                self._config, self._generation = bytearray(), client.get_generation()
         except (PeerError, VdpasimError) as exc:
             if isinstance(exc, TransportError):
                 raise

@@ -349,7 +349,9 @@ def harness_main(argv: list[str]) -> int:
             try:
                 if op == "start":
                     harness.start()
-                    answer: dict[str, Any] = {}
+                    # the direct door's own vhost-user traffic (the bypass's is counted by its supervisor)
+                    sent, waited = getattr(harness.client, "sent", 0), getattr(harness.client, "waited", 0)
+                    answer: dict[str, Any] = {"sent": sent, "waited": waited}
                 elif op == "stop":
                     harness.stop()
                     answer = {}
@@ -418,9 +420,13 @@ class _Door:
         """The supervisor's counters and the node's server stats now (zeros for the direct door)."""
         sup = self.supervisor
         if sup is None:
-            return {"answered": 0, "passed": 0, "busy": 0.0, "server": 0.0, "ioctls": 0, "writes": 0, "by": {}}
+            return {
+                "answered": 0, "passed": 0, "calls": 0, "busy": 0.0, "server": 0.0, "ioctls": 0, "writes": 0,
+                "vhost_user_sent": 0, "vhost_user_waited": 0, "by": {},
+            }  # fmt: skip
         time.sleep(0.005)  # the supervisor adds a call's time just after answering it
         servers = [s for node in sup.nodes.nodes.values() for s in node.servers]
+        connections = [s.ops.connection for s in servers]
         by = dict(sup.calls_by_syscall)
         passed = getattr(sup, "passed", None)
         return {
@@ -431,6 +437,8 @@ class _Door:
             "server": sum(s.stats.seconds for s in servers),
             "ioctls": sum(s.stats.ioctls for s in servers),
             "writes": sum(s.stats.writes for s in servers),
+            "vhost_user_sent": sum(c.sent for c in connections),
+            "vhost_user_waited": sum(c.waited for c in connections),
             "by": by,
         }
 
@@ -470,11 +478,17 @@ class StartResult:
     server_ms: list[float] = field(default_factory=list)
     ioctls: list[int] = field(default_factory=list)
     writes: list[int] = field(default_factory=list)
+    vhost_user_sent: list[int] = field(default_factory=list)  # requests to the device's socket
+    vhost_user_waited: list[int] = field(default_factory=list)  # round trips: answers waited for
     by_syscall: dict[str, int] = field(default_factory=dict)  # of the last start
+    first: dict[str, float] = field(default_factory=dict)  # the first start of the harness (node first opened)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"door": self.door, "starts": len(self.wall_ms), "by_syscall": self.by_syscall}
-        for name in ("wall_ms", "stop_wall_ms", "answered", "passed", "supervisor_ms", "server_ms", "ioctls", "writes"):
+        out["first_start"] = {k: round(v, 4) for k, v in self.first.items()}
+        names = ("wall_ms", "stop_wall_ms", "answered", "passed", "supervisor_ms", "server_ms", "ioctls", "writes",
+                 "vhost_user_sent", "vhost_user_waited")  # fmt: skip
+        for name in names:
             values = getattr(self, name)
             out[name] = round(statistics.median(values), 4) if values else 0
             out[f"{name}_range"] = [round(min(values), 4), round(max(values), 4)] if values else [0, 0]
@@ -585,14 +599,19 @@ def _starts(
     result = StartResult(door)
     harness = _Door(door, path, cpu, runtime, log)
     try:
-        harness.ask("start")  # untimed: the first start loads the modules both sides use
-        harness.ask("stop")
-        for i in range(starts):
+        for i in range(starts + 1):  # the first is reported apart: it loads modules and asks the daemon for the node
             before = harness.counters()
-            wall = harness.ask("start")["wall_ms"]
+            answer = harness.ask("start")
+            wall = answer["wall_ms"]
             after = harness.counters()
             stop = harness.ask("stop")["wall_ms"]
             d = _delta(before, after)
+            if door == "direct":
+                d["vhost_user_sent"], d["vhost_user_waited"] = answer["sent"], answer["waited"]
+            if i == 0:
+                result.first = {"wall_ms": wall, "supervisor_ms": d["busy"] * 1e3, "answered": d["answered"],
+                                "vhost_user_waited": d["vhost_user_waited"]}  # fmt: skip
+                continue
             result.wall_ms.append(wall)
             result.stop_wall_ms.append(stop)
             result.answered.append(d["answered"])
@@ -601,10 +620,13 @@ def _starts(
             result.server_ms.append(d["server"] * 1e3)
             result.ioctls.append(d["ioctls"])
             result.writes.append(d["writes"])
+            result.vhost_user_sent.append(d["vhost_user_sent"])
+            result.vhost_user_waited.append(d["vhost_user_waited"])
             result.by_syscall = d["by"]
             say(
-                f"{door} start {i + 1}/{starts}: {wall:.2f} ms wall, {d['answered']} traps answered, "
-                f"{d['passed']} passed on, supervisor {d['busy'] * 1e3:.2f} ms (server {d['server'] * 1e3:.2f} ms)"
+                f"{door} start {i}/{starts}: {wall:.2f} ms wall, {d['answered']} traps answered, "
+                f"{d['passed']} passed on, supervisor {d['busy'] * 1e3:.2f} ms (server {d['server'] * 1e3:.2f} ms), "
+                f"vhost-user {d['vhost_user_sent']} requests, {d['vhost_user_waited']} round trips"
             )
     finally:
         harness.close()
@@ -660,12 +682,14 @@ def command(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     table = Table(title=f"control plane per device start, medians of {args.starts} starts")
-    for name in ("door", "wall ms", "traps answered", "passed on", "supervisor ms", "server ms", "stop wall ms"):
+    columns = ("door", "wall ms", "traps answered", "passed on", "supervisor ms", "server ms", "vhost-user round trips",
+               "stop wall ms")  # fmt: skip
+    for name in columns:
         table.add_column(name, justify="left" if name == "door" else "right")
     for r in report["control_plane"]:
         table.add_row(
             r["door"], f"{r['wall_ms']:.2f}", str(r["answered"]), str(r["passed"]), f"{r['supervisor_ms']:.2f}",
-            f"{r['server_ms']:.2f}", f"{r['stop_wall_ms']:.2f}",
+            f"{r['server_ms']:.2f}", str(r["vhost_user_waited"]), f"{r['stop_wall_ms']:.2f}",
         )  # fmt: skip
     Console().print(table)
     table = Table(title=f"loopback through the device, medians of {args.runs} alternations")
