@@ -556,12 +556,22 @@ class VhostVdpaServer:
 
     # ----- vring ioctls (vhost_vdpa_vring_ioctl, then vhost_vring_ioctl) -----
     def _vring_ioctl(self, request: int, arg: int, caller: Caller) -> int:
-        (idx,) = _U32.unpack(caller.read(arg, 4))
+        # The kernel reads the index (4 bytes), then the whole argument. One read of 8 bytes serves both for the
+        # vhost_vring_state requests; where it faults, the index alone is read, so errors come in the kernel's order.
+        try:
+            head: bytes | None = caller.read(arg, 8)
+        except PeerError:
+            head = None
+        (idx,) = _U32.unpack_from(head) if head is not None else _U32.unpack(caller.read(arg, 4))
         if idx >= self.nvqs:
             raise PeerError(f"ring {idx}: the device has {self.nvqs}", errno=errno.ENOBUFS)
+
+        def state() -> int:  # the vhost_vring_state's num
+            return a.VHOST_VRING_STATE.unpack(head if head is not None else caller.read(arg, 8))[1]
+
         ops = self.ops
         if request == a.VHOST_VDPA_SET_VRING_ENABLE:
-            _, num = a.VHOST_VRING_STATE.unpack(caller.read(arg, 8))
+            num = state()
             ops.set_vq_ready(idx, bool(num))
             return 0
         if request in (a.VHOST_VDPA_GET_VRING_GROUP, a.VHOST_VDPA_GET_VRING_DESC_GROUP):
@@ -573,7 +583,7 @@ class VhostVdpaServer:
                 raise PeerError(f"ring {idx} in group {group} of {self.ngroups}", errno=errno.EIO)
             return self._put(caller, arg, a.VHOST_VRING_STATE, idx, group)
         if request == a.VHOST_VDPA_SET_GROUP_ASID:
-            _, asid = a.VHOST_VRING_STATE.unpack(caller.read(arg, 8))
+            asid = state()
             if asid >= self.nas:
                 raise PeerError(f"address space {asid} of {self.nas}", errno=errno.EINVAL)
             if not supports(ops, "set_group_asid"):
@@ -587,7 +597,7 @@ class VhostVdpaServer:
         packed = bool(ops.get_driver_features() >> VIRTIO_F_RING_PACKED & 1)
         running = bool(self._driver_bits() & VIRTIO_CONFIG_S_DRIVER_OK) and not self.suspended
         if request == a.VHOST_SET_VRING_NUM:
-            _, num = a.VHOST_VRING_STATE.unpack(caller.read(arg, 8))
+            num = state()
             if not num or num > 0xFFFF or num & (num - 1):
                 raise PeerError(f"ring {idx}: size {num} is not a power of 2 up to 32768", errno=errno.EINVAL)
             ops.set_vq_num(idx, num)
@@ -595,7 +605,7 @@ class VhostVdpaServer:
         if request == a.VHOST_SET_VRING_ADDR:
             return self._set_vring_addr(idx, arg, caller, running)
         if request == a.VHOST_SET_VRING_BASE:
-            _, num = a.VHOST_VRING_STATE.unpack(caller.read(arg, 8))
+            num = state()
             if not packed and num > 0xFFFF:
                 raise PeerError(f"ring {idx}: split base {num:#x} over 0xffff", errno=errno.EINVAL)
             if running:
@@ -607,9 +617,9 @@ class VhostVdpaServer:
             num = state.encode() if isinstance(state, PackedState) else state.last_avail & 0xFFFF
             return self._put(caller, arg, a.VHOST_VRING_STATE, idx, num)
         if request in (a.VHOST_SET_VRING_KICK, a.VHOST_SET_VRING_CALL, a.VHOST_SET_VRING_ERR):
-            return self._set_vring_file(request, idx, arg, caller)
+            return self._set_vring_file(request, idx, arg, caller, head)
         if request == VHOST_SET_VRING_BUSYLOOP_TIMEOUT:
-            self._busyloop[idx] = a.VHOST_VRING_STATE.unpack(caller.read(arg, 8))[1]
+            self._busyloop[idx] = state()
             return 0
         if request == VHOST_GET_VRING_BUSYLOOP_TIMEOUT:
             return self._put(caller, arg, a.VHOST_VRING_STATE, idx, self._busyloop[idx])
@@ -638,8 +648,9 @@ class VhostVdpaServer:
             raise PeerError(f"fd {number} is not an eventfd", errno=errno.EINVAL)
         return fd
 
-    def _set_vring_file(self, request: int, idx: int, arg: int, caller: Caller) -> int:
-        _, number = a.VHOST_VRING_FILE.unpack(caller.read(arg, a.VHOST_VRING_FILE.size))
+    def _set_vring_file(self, request: int, idx: int, arg: int, caller: Caller, head: bytes | None) -> int:
+        raw = head if head is not None and a.VHOST_VRING_FILE.size == 8 else caller.read(arg, a.VHOST_VRING_FILE.size)
+        _, number = a.VHOST_VRING_FILE.unpack(raw)
         fd = None if number == a.VHOST_FILE_UNBIND else self._take_eventfd(number, caller)
         table = {a.VHOST_SET_VRING_KICK: self._kick, a.VHOST_SET_VRING_CALL: self._call}.get(request, self._err)
         try:
