@@ -74,7 +74,14 @@ Deliberate differences from the kernel:
 * Only address space 0 is the device's memory (DeviceOps.set_map has no asid); mappings in other address
   spaces are kept and checked but not handed on.
 * A device operation that raises where the kernel's op cannot fail (SET_VRING_NUM, SET_VRING_CALL,
-  SET_VRING_ENABLE) reports its errno instead of being ignored.
+  SET_VRING_ENABLE) reports its errno instead of being ignored. (Over the bypass's vhost-user bridge those
+  requests are not waited for, so there a refusal is only logged, as the kernel would ignore it.)
+
+Cost: the status is kept once known (``_driver_bits``): only the driver moves FEATURES_OK and DRIVER_OK, so
+the FEATURES_OK / DRIVER_OK checks of SET_FEATURES and of every vring ioctl do not ask the device, which over
+the bridge is a vhost-user round trip each. A SET_STATUS is checked against the kept status before DRIVER_OK
+(no ring runs yet, so the device cannot have set NEEDS_RESET) and against the device's own afterwards;
+GET_STATUS always asks the device; a status that adds FEATURES_OK is asked again (the device may refuse it).
 """
 
 from __future__ import annotations
