@@ -221,7 +221,8 @@ class Supervisor:
         self.calls = 0  # trapped calls answered, and the time spent answering them
         self.busy_seconds = 0.0
         self.passed = 0  # of those, calls let through untouched (openat of other paths, ioctls on other fds)
-        self.calls_by_syscall: dict[str, int] = {}  # openat counts every open: most are passed on untouched
+        self.calls_by_syscall: dict[str, int] = {}  # openat counts the opens for writing (read-only ones never trap)
+        self.seconds_by_syscall: dict[str, float] = {}
         self._closed = False
         self._tgids: dict[int, int] = {}  # thread -> its process, as last seen (checked at each use)
         # openat: only opens for writing (O_WRONLY or O_RDWR, the access mode bits) can be of a node: a VMM opens
@@ -314,7 +315,9 @@ class Supervisor:
         except Exception:  # a bug here must not leave the target blocked forever
             log.exception("answering %s", notification)
             seccomp.respond(self.listener, notification.id, error=errno.EIO)
-        self.busy_seconds += time.perf_counter() - started
+        spent = time.perf_counter() - started
+        self.busy_seconds += spent
+        self.seconds_by_syscall[name] = self.seconds_by_syscall.get(name, 0.0) + spent
 
     def _watch(self, tgid: int) -> None:
         if tgid in self._pidfds.values():

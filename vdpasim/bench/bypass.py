@@ -428,6 +428,7 @@ class _Door:
         servers = [s for node in sup.nodes.nodes.values() for s in node.servers]
         connections = [s.ops.connection for s in servers]
         by = dict(sup.calls_by_syscall)
+        by.update({f"{name}_ms": seconds * 1e3 for name, seconds in sup.seconds_by_syscall.items()})
         passed = getattr(sup, "passed", None)
         return {
             "answered": sup.calls - (passed if passed is not None else 0),
@@ -461,7 +462,7 @@ class _Door:
 
 
 def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    by = {k: v - before["by"].get(k, 0) for k, v in after["by"].items() if v - before["by"].get(k, 0)}
+    by = {k: round(v - before["by"].get(k, 0), 4) for k, v in after["by"].items() if v - before["by"].get(k, 0)}
     out = {k: after[k] - before[k] for k in after if k != "by"}
     out["by"] = by
     return out
@@ -480,6 +481,9 @@ class StartResult:
     writes: list[int] = field(default_factory=list)
     vhost_user_sent: list[int] = field(default_factory=list)  # requests to the device's socket
     vhost_user_waited: list[int] = field(default_factory=list)  # round trips: answers waited for
+    openat_ms: list[float] = field(default_factory=list)  # supervisor time by call: the node's open (the bridge
+    ioctl_ms: list[float] = field(default_factory=list)  # connects to the device), the ioctls, the IOTLB writes
+    write_ms: list[float] = field(default_factory=list)
     by_syscall: dict[str, int] = field(default_factory=dict)  # of the last start
     first: dict[str, float] = field(default_factory=dict)  # the first start of the harness (node first opened)
 
@@ -487,7 +491,7 @@ class StartResult:
         out: dict[str, Any] = {"door": self.door, "starts": len(self.wall_ms), "by_syscall": self.by_syscall}
         out["first_start"] = {k: round(v, 4) for k, v in self.first.items()}
         names = ("wall_ms", "stop_wall_ms", "answered", "passed", "supervisor_ms", "server_ms", "ioctls", "writes",
-                 "vhost_user_sent", "vhost_user_waited")  # fmt: skip
+                 "vhost_user_sent", "vhost_user_waited", "openat_ms", "ioctl_ms", "write_ms")  # fmt: skip
         for name in names:
             values = getattr(self, name)
             out[name] = round(statistics.median(values), 4) if values else 0
@@ -622,6 +626,8 @@ def _starts(
             result.writes.append(d["writes"])
             result.vhost_user_sent.append(d["vhost_user_sent"])
             result.vhost_user_waited.append(d["vhost_user_waited"])
+            for call in ("openat", "ioctl", "write"):
+                getattr(result, f"{call}_ms").append(d["by"].get(f"{call}_ms", 0.0))
             result.by_syscall = d["by"]
             say(
                 f"{door} start {i}/{starts}: {wall:.2f} ms wall, {d['answered']} traps answered, "
