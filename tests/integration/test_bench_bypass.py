@@ -18,6 +18,7 @@ from vdpasim.testing.daemon import process_gone
 
 START_KEYS = {"door", "starts", "wall_ms", "answered", "passed", "supervisor_ms", "server_ms", "ioctls", "writes"}
 TRAFFIC_KEYS = {"case", "ring", "packet_bytes", "direct_mpps", "bypass_mpps", "ratio", "frames_checked", "trap_growth"}
+TRAFFIC_KEYS |= {"stalled_runs", "bad_frames", "direct_runs_mpps", "bypass_runs_mpps"}
 
 
 def test_one_short_case_end_to_end():

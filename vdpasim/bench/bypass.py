@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import UsageError
 from .e2e import pick_cpus
 
-__all__ = ["Harness", "BypassError", "run_benchmark", "command", "DEVICE_MAC", "START_STEPS"]
+__all__ = ["Harness", "BypassError", "StallError", "run_benchmark", "command", "DEVICE_MAC", "START_STEPS"]
 
 DEVICE_MAC = "52:54:00:12:34:56"
 QUEUE_SIZE = 256
@@ -73,6 +73,10 @@ S_TX_NEXT, S_TX_REAPED, S_RX_REAPED, S_BAD, S_SEQ_SUM, STATE_LEN = range(6)
 
 class BypassError(RuntimeError):
     """A harness or the daemon failed; the message says what and carries the tail of its output."""
+
+
+class StallError(BypassError):
+    """The device stopped taking buffers during a traffic run (the run is retried, and counted)."""
 
 
 # ===== the compiled driver =====
@@ -308,7 +312,7 @@ class Harness:
             if self._drive(self.lay, st, CHUNK, SPIN_LIMIT):
                 stalls += 1
                 if stalls > 2:
-                    raise BypassError(f"the device stopped returning frames after {int(st[S_RX_REAPED])}")
+                    raise StallError(f"the device stopped taking buffers: {self._rings()}")
                 for fd in self.kick:
                     os.eventfd_write(fd, 1)
             now = time.perf_counter()
@@ -324,6 +328,19 @@ class Harness:
             "rx_reaped": int(st[S_RX_REAPED]),
             "stalls": stalls,
         }
+
+    def _rings(self) -> str:
+        """Where each ring stands (a stall's report): the driver's counts, avail and used indexes, used flags."""
+        data = self.region.data
+        st = self.st
+        out = [f"sent {int(st[S_TX_NEXT])}, tx used {int(st[S_TX_REAPED])}, rx used {int(st[S_RX_REAPED])}"]
+        for idx, name in ((0, "rx"), (1, "tx")):
+            _, avail, used = (a - GUEST_BASE for a in self._queue(idx))
+            word = lambda at: int.from_bytes(data[at : at + 2], "little")  # noqa: E731
+            out.append(f"{name}: avail idx {word(avail + 2)}, used idx {word(used + 2)}, used flags {word(used)}")
+        if self.client is not None:
+            out.append(f"status {self.client.get_status():#x}")
+        return "; ".join(out)
 
     def close(self) -> None:
         self.stop()
@@ -413,7 +430,8 @@ class _Door:
             raise BypassError(f"the {self.door} harness exited ({self.process.poll()}) during {op}")
         answer = json.loads(line)
         if "error" in answer:
-            raise BypassError(f"{self.door} harness, {op}: {answer['error']}")
+            kind = StallError if answer["error"].startswith("StallError") else BypassError
+            raise kind(f"{self.door} harness, {op}: {answer['error']}")
         return answer
 
     def counters(self) -> dict[str, Any]:
@@ -508,6 +526,7 @@ class TrafficResult:
     frames: int = 0  # received and checked, over every run of both doors
     bad: int = 0
     trap_growth: list[int] = field(default_factory=list)  # trapped calls during each bypass run
+    stalls: list[str] = field(default_factory=list)  # runs retried because the device stopped taking buffers
 
     def as_dict(self) -> dict[str, Any]:
         direct = statistics.median(self.direct)
@@ -525,6 +544,7 @@ class TrafficResult:
             "frames_checked": self.frames,
             "bad_frames": self.bad,
             "trap_growth": self.trap_growth,
+            "stalled_runs": self.stalls,
         }
 
 
@@ -583,7 +603,15 @@ def run_benchmark(
                 for run in range(runs):
                     for door in ("direct", "bypass") if run % 2 == 0 else ("bypass", "direct"):
                         path = node if door == "bypass" else sock
-                        mpps = _traffic(door, path, front_cpu, runtime, size, seconds, warmup, result, log)
+                        for attempt in range(3):
+                            try:
+                                mpps = _traffic(door, path, front_cpu, runtime, size, seconds, warmup, result, log)
+                                break
+                            except StallError as exc:
+                                result.stalls.append(f"{door}: {exc}")
+                                say(f"split-{size}: {door} run stalled, retried: {exc}")
+                                if attempt == 2:
+                                    raise
                         getattr(result, door).append(mpps)
                     say(
                         f"split-{size}: run {run + 1}/{runs}: direct {result.direct[-1]:.3f} Mpps, "
