@@ -52,5 +52,5 @@ def test_one_short_case_end_to_end():
     assert traffic["frames_checked"] > 0 and traffic["bad_frames"] == 0
     assert traffic["trap_growth"] == [0]  # the data path never reaches the supervisor
     assert "split-64: run 1/1" in done.stderr  # progress while it runs
-    assert not os.path.exists(report["device"]["socket"])  # the bench's daemon is gone, and its sockets
-    assert process_gone(report["device"]["daemon_pid"])
+    assert not any(os.path.exists(path) for path in report["device"]["sockets"])  # the bench's daemons are gone,
+    assert all(process_gone(pid) for pid in report["device"]["daemon_pids"])  # and their sockets

@@ -19,6 +19,8 @@ Two measurements:
    received) for a fixed time; runs alternate direct and bypass, one new harness process per run. The device
    busy-polls (its rings are NO_NOTIFY), the driver sets NO_INTERRUPT: no kick and no interrupt is needed, so
    neither path would have a reason to trap, and the trap counters are checked not to move during the run.
+   A run in which the device stops taking buffers (seen on this loaded machine, on both doors: the daemon's
+   data path, not the bypass) is reported with where the rings stood, and run again on a new daemon.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -548,26 +550,45 @@ class TrafficResult:
         }
 
 
-@contextlib.contextmanager
-def _daemon(cpu: int, progress: Callable[[str], None]) -> Iterator[tuple[Any, str, str, int]]:
-    """A daemon pinned to ``cpu`` with one busy-polling loopback net device: (runtime, node, socket, pid)."""
-    from ..testing.daemon import DaemonProcess
+class _Device:
+    """A daemon pinned to ``cpu`` with one busy-polling loopback net device (bench0); ``restart`` replaces both
+    (a device whose data path stopped is not reused: its rings would tell nothing)."""
 
-    affinity = os.sched_getaffinity(0)
-    daemon = DaemonProcess(log_level="warning")
-    os.sched_setaffinity(0, {cpu})  # the daemon inherits it, and so does every thread it starts
-    try:
-        daemon.start()
-    finally:
-        os.sched_setaffinity(0, affinity)
-    try:
+    def __init__(self, cpu: int, progress: Callable[[str], None]) -> None:
+        self.cpu, self.say = cpu, progress
+        self.daemons: list[int] = []  # every daemon started, by pid
+        self.sockets: list[str] = []
+        self._daemon: Any = None
+        self.start()
+
+    def start(self) -> None:
+        from ..testing.daemon import DaemonProcess
+
+        affinity = os.sched_getaffinity(0)
+        daemon = self._daemon = DaemonProcess(log_level="warning")
+        os.sched_setaffinity(0, {self.cpu})  # the daemon inherits it, and so does every thread it starts
+        try:
+            daemon.start()
+        finally:
+            os.sched_setaffinity(0, affinity)
+        self.daemons.append(daemon.pid)
         daemon.cli("dev", "add", "name", "bench0", "mgmtdev", "vdpasim_net", "mac", DEVICE_MAC, "busy_poll", "on")
         shown = daemon.json("-x", "dev", "show", "bench0")["dev"]["bench0"]
-        node, sock = shown["vhost_vdpa_node"], shown["vhost_user_socket"]
-        progress(f"daemon {daemon.pid} on CPU {cpu}: device bench0, {node}, {sock}")
-        yield daemon.runtime, node, sock, daemon.pid
-    finally:
-        daemon.cleanup()
+        self.runtime, self.node, self.socket = daemon.runtime, shown["vhost_vdpa_node"], shown["vhost_user_socket"]
+        self.sockets.append(self.socket)
+        self.say(f"daemon {daemon.pid} on CPU {self.cpu}: device bench0, {self.node}, {self.socket}")
+
+    def path(self, door: str) -> str:
+        return self.node if door == "bypass" else self.socket
+
+    def restart(self) -> None:
+        self.close()
+        self.start()
+
+    def close(self) -> None:
+        if self._daemon is not None:
+            self._daemon.cleanup()  # ended by its pid, its runtime directory (sockets) removed
+            self._daemon = None
 
 
 def run_benchmark(
@@ -587,39 +608,42 @@ def run_benchmark(
     report: dict[str, Any] = {"cpus": {"device": back_cpu, "harness": front_cpu}, "start_steps": list(START_STEPS)}
     log = open(os.devnull, "w")  # noqa: SIM115 - the harnesses' stderr, closed below
     affinity = os.sched_getaffinity(0)
+    device: _Device | None = None
     try:
-        with _daemon(back_cpu, say) as (runtime, node, sock, pid):
-            report["device"] = {"node": node, "socket": sock, "daemon_pid": pid}
-            # The supervisor works while the harness waits in its call: they share the harness's CPU, and the
-            # device's busy-polling thread has the other one to itself, as a VMM's vCPU would not.
-            os.sched_setaffinity(0, {front_cpu})
-            report["control_plane"] = [
-                _starts(door, node if door == "bypass" else sock, front_cpu, runtime, starts, say, log).as_dict()
-                for door in ("direct", "bypass")
-            ]
-            results = []
-            for size in sizes:
-                result = TrafficResult(size)
-                for run in range(runs):
-                    for door in ("direct", "bypass") if run % 2 == 0 else ("bypass", "direct"):
-                        path = node if door == "bypass" else sock
-                        for attempt in range(3):
-                            try:
-                                mpps = _traffic(door, path, front_cpu, runtime, size, seconds, warmup, result, log)
-                                break
-                            except StallError as exc:
-                                result.stalls.append(f"{door}: {exc}")
-                                say(f"split-{size}: {door} run stalled, retried: {exc}")
-                                if attempt == 2:
-                                    raise
-                        getattr(result, door).append(mpps)
-                    say(
-                        f"split-{size}: run {run + 1}/{runs}: direct {result.direct[-1]:.3f} Mpps, "
-                        f"bypass {result.bypass[-1]:.3f} Mpps, traps during the run {result.trap_growth[-1]}"
-                    )
-                results.append(result.as_dict())
-            report["data_path"] = results
+        device = _Device(back_cpu, say)
+        # The supervisor works while the harness waits in its call: they share the harness's CPU, and the
+        # device's busy-polling thread has the other one to itself, as a VMM's vCPU would not.
+        os.sched_setaffinity(0, {front_cpu})
+        report["control_plane"] = [
+            _starts(door, device.path(door), front_cpu, device.runtime, starts, say, log).as_dict()
+            for door in ("direct", "bypass")
+        ]
+        results = []
+        for size in sizes:
+            result = TrafficResult(size)
+            for run in range(runs):
+                for door in ("direct", "bypass") if run % 2 == 0 else ("bypass", "direct"):
+                    for attempt in range(3):
+                        try:
+                            mpps = _traffic(door, device, front_cpu, size, seconds, warmup, result, log)
+                            break
+                        except StallError as exc:
+                            result.stalls.append(f"{door}: {exc}")
+                            say(f"split-{size}: {door} run stalled, again on a new daemon: {exc}")
+                            if attempt == 2:
+                                raise
+                            device.restart()
+                    getattr(result, door).append(mpps)
+                say(
+                    f"split-{size}: run {run + 1}/{runs}: direct {result.direct[-1]:.3f} Mpps, "
+                    f"bypass {result.bypass[-1]:.3f} Mpps, traps during the run {result.trap_growth[-1]}"
+                )
+            results.append(result.as_dict())
+        report["data_path"] = results
     finally:
+        if device is not None:
+            device.close()
+            report["device"] = {"daemon_pids": device.daemons, "sockets": device.sockets}
         os.sched_setaffinity(0, affinity)
         log.close()
     return report
@@ -668,10 +692,9 @@ def _starts(
 
 
 def _traffic(
-    door: str, path: str, cpu: int, runtime: Any, size: int, seconds: float, warmup: float,
-    result: TrafficResult, log: Any,
-) -> float:  # fmt: skip
-    harness = _Door(door, path, cpu, runtime, log)
+    door: str, device: _Device, cpu: int, size: int, seconds: float, warmup: float, result: TrafficResult, log: Any
+) -> float:
+    harness = _Door(door, device.path(door), cpu, device.runtime, log)
     try:
         harness.ask("start")
         harness.ask("prepare", frame_len=size, warmup=warmup)
