@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ class VhostVdpaNode:
     reconnect_seconds: float = 30.0  # how long an open node waits for a back-end that went away
     opens: int = 0
     servers: list[VhostVdpaServer] = field(default_factory=list, repr=False)  # every open's server, for its stats
+    facts: dict = field(default_factory=dict, repr=False)  # the device's constants, asked once for every open
     _current: _OpenNode | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -48,7 +50,9 @@ class VhostVdpaNode:
             if self._current is not None:
                 raise PeerError(f"vhost-vdpa node of {self.name} is already open", errno=errno.EBUSY)
             try:
-                client = ReplayingClient(self.socket_path, name=self.name, reconnect_seconds=self.reconnect_seconds)
+                client = ReplayingClient(
+                    self.socket_path, name=self.name, reconnect_seconds=self.reconnect_seconds, facts=self.facts
+                )
             except (VdpasimError, OSError) as exc:
                 reason = f"device {self.name} does not answer on {self.socket_path}: {exc}"
                 raise PeerError(reason, errno=errno.ENODEV) from exc
@@ -94,15 +98,23 @@ class DaemonNodes:
     def __init__(self, runtime: RuntimeDir) -> None:
         self.runtime = runtime
         self.nodes: dict[str, VhostVdpaNode] = {}  # device name -> node, kept so exclusivity and stats persist
+        self._by_path: dict[str, VhostVdpaNode] = {}
 
     def get(self, path: str) -> VhostVdpaNode | None:
+        """The node at ``path``. A node found before is taken as long as its device's socket is there (the daemon
+        removes it with the device), without asking the daemon again: that costs milliseconds per open."""
         if not path.startswith(NODE_PREFIX):
             return None
+        known = self._by_path.get(path)
+        if known is not None and os.path.exists(known.socket_path):
+            return known
+        self._by_path.pop(path, None)
         for name, node_path, socket_path in self._devices():
             if node_path == path:
                 node = self.nodes.get(name)
                 if node is None or node.socket_path != socket_path:
                     node = self.nodes[name] = VhostVdpaNode(name, socket_path)
+                self._by_path[path] = node
                 return node
         return None
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from .daemon import configure_logging
 
-__all__ = ["add_parser", "run", "build_nodes"]
+__all__ = ["add_parser", "run", "supervise", "build_nodes"]
 
 log = logging.getLogger("vdpasim.run")
 
@@ -48,8 +48,9 @@ def build_nodes(runtime: Any) -> Any:
     return DaemonNodes(runtime)
 
 
-def run(argv: list[str], *, runtime: Any = None) -> int:
-    """Run ``argv`` under the supervisor with the netlink bypass; its exit status (128 + signal)."""
+def supervise(argv: list[str], *, runtime: Any = None, **popen: Any) -> Any:
+    """``argv`` started under the supervisor with the netlink bypass and the daemon's nodes, as ``vdpasim run``
+    starts it (the bench measures this very set-up); ``popen`` goes to subprocess.Popen. Raises OSError."""
     from bridge.supervisor.netlink import DaemonTransport, NetlinkBypass
     from bridge.supervisor.supervisor import Supervisor
 
@@ -58,9 +59,17 @@ def run(argv: list[str], *, runtime: Any = None) -> int:
     runtime = runtime or runtime_dir()
     bypass = NetlinkBypass(DaemonTransport(runtime))
     try:
-        supervisor = Supervisor(argv, build_nodes(runtime), netlink=bypass)
-    except OSError as exc:
+        return Supervisor(argv, build_nodes(runtime), netlink=bypass, **popen)
+    except BaseException:
         bypass.close()
+        raise
+
+
+def run(argv: list[str], *, runtime: Any = None) -> int:
+    """Run ``argv`` under the supervisor with the netlink bypass; its exit status (128 + signal)."""
+    try:
+        supervisor = supervise(argv, runtime=runtime)
+    except OSError as exc:
         sys.stderr.write(f"vdpasim run: cannot run {argv[0]}: {exc.strerror or exc}\n")
         return 127 if isinstance(exc, FileNotFoundError) else 126
 

@@ -105,13 +105,15 @@ class Rule:
     with ``arg0``, only calls whose first argument (an fd) is that number, both 32-bit halves compared;
     with ``arg0_range`` (first, end), only calls whose first argument's low 32 bits (the ``int fd`` the kernel
     uses) lie in [first, end); with ``args_low``, only calls whose arguments' low 32 bits (``int`` arguments,
-    as socket()'s domain and protocol) equal the given values: ``((index, value), ...)``."""
+    as socket()'s domain and protocol) equal the given values: ``((index, value), ...)``; with ``arg_any_bits``
+    (index, mask), only calls whose argument has one of the ``mask`` bits set (openat's access mode)."""
 
     syscall: str
     ioctl_type: int | None = None
     arg0: int | None = None
     arg0_range: tuple[int, int] | None = None
     args_low: tuple[tuple[int, int], ...] = ()
+    arg_any_bits: tuple[int, int] | None = None
 
 
 def build_filter(rules: Iterable[Rule]) -> bytes:
@@ -139,15 +141,19 @@ def build_filter(rules: Iterable[Rule]) -> bytes:
             ]
         for index, value in rule.args_low:
             checks += [(_LD_W_ABS, 0, 0, _arg_low(index)), (_JEQ_K, 0, 0, value & 0xFFFFFFFF)]
+        if rule.arg_any_bits is not None:
+            index, mask = rule.arg_any_bits
+            # equal to 0 after the mask: the rule fails (jt, marked by jt=1 here, fixed below)
+            checks += [(_LD_W_ABS, 0, 0, _arg_low(index)), (_ALU_AND_K, 0, 0, mask), (_JEQ_K, 1, 0, 0)]
         if rule.arg0_range is not None:
             first, end = rule.arg0_range
             # below ``first`` fails (jf); at or above ``end`` fails too (jt, marked by jt=1 here, fixed below)
             checks += [(_LD_W_ABS, 0, 0, _arg_low(0)), (_JGE_K, 0, 0, first), (_JGE_K, 1, 0, end)]
         # A failed comparison jumps past the rest of the rule and its notify (jumps count from the next insn).
         for i, (code, jt, _, k) in enumerate(checks):
-            if code == _JEQ_K or (code == _JGE_K and not jt):
+            if code in (_JEQ_K, _JGE_K) and not jt:
                 checks[i] = (code, 0, len(checks) - i, k)
-            elif code == _JGE_K:
+            elif code in (_JEQ_K, _JGE_K):
                 checks[i] = (code, len(checks) - i, 0, k)
         program += checks
         program.append((_RET_K, 0, 0, _SECCOMP_RET_USER_NOTIF))

@@ -1,8 +1,9 @@
 """Run a program under a seccomp user-notification filter and answer its calls on simulated char devices.
 
-``Supervisor(argv, nodes)`` starts ``argv`` with a filter that traps ``openat`` (every path: the filter cannot
-read strings), vhost ioctls (type byte 0xAF) and ``write`` on the fixed fd numbers where simulated devices are
-installed. The supervisor thread answers each trapped call:
+``Supervisor(argv, nodes)`` starts ``argv`` with a filter that traps ``openat`` for writing (O_WRONLY or O_RDWR,
+any path: the filter cannot read strings; a node opened O_RDONLY is not found, ENOENT), vhost ioctls (type byte
+0xAF) and ``write`` on the fixed fd numbers where simulated devices are installed.
+The supervisor thread answers each trapped call:
 * openat of a path in ``nodes``: the node's handler is opened and a placeholder (/dev/null: a doorbell mmap on
   it fails cleanly, so QEMU falls back to eventfd kicks) is installed in the target at a fixed fd number that
   the filter knows; any other path continues untouched;
@@ -10,8 +11,14 @@ installed. The supervisor thread answers each trapped call:
 * ioctl/write on such an fd: handed to the node's handler with a ``TargetMemory`` of the calling thread, whose
   result or errno the call returns; on any other fd: continues untouched.
 Only the process tree started here is ever trapped (the filter is inherited across fork and exec, never
-installed elsewhere). Every pointer read from the target is read once, through /proc/TID/mem (opened after the
-target's exec, per call), and acted on only while SECCOMP_IOCTL_NOTIF_ID_VALID says the call still waits.
+installed elsewhere). Every pointer read from the target is read once, with process_vm_readv (writes with
+process_vm_writev: like the kernel's copy_to_user, they respect the target's page protections; no fd is kept,
+so an exec in the target cannot leave a stale view), and acted on only while SECCOMP_IOCTL_NOTIF_ID_VALID says
+the call still waits.
+
+The per-call path is kept lean, since a VMM's device start is dozens of trapped calls: a thread's process is
+remembered (checked with one stat of /proc/TGID/task/TID instead of parsing /proc/TID/status), and the pidfd
+the supervisor holds on a process with a node open serves take_fd.
 """
 
 from __future__ import annotations
@@ -48,23 +55,27 @@ class TargetMemory:
     """The calling thread's address space (through /proc/TID/mem; faults become EFAULT) and its process's fds
     and file mappings: what a char-device server needs from its caller (bridge/vhost_vdpa/server.py ``Caller``)."""
 
-    def __init__(self, tid: int, tgid: int | None = None) -> None:
+    def __init__(self, tid: int, tgid: int | None = None, pidfd: int | None = None) -> None:
         self.tid = tid
         self.tgid = tid if tgid is None else tgid
+        self.pidfd = pidfd  # the supervisor's pidfd of tgid, if it holds one (not ours to close)
 
     def take_fd(self, number: int) -> int:
         """A duplicate, in this process, of the caller's fd ``number`` (pidfd_getfd: as the kernel's
         eventfd_ctx_fdget takes a reference to the caller's file)."""
-        try:
-            pidfd = os.pidfd_open(self.tgid)
-        except OSError as exc:
-            raise PeerError(f"process {self.tgid} is gone", errno=errno.ESRCH) from exc
+        pidfd = self.pidfd
+        if pidfd is None:
+            try:
+                pidfd = os.pidfd_open(self.tgid)
+            except OSError as exc:
+                raise PeerError(f"process {self.tgid} is gone", errno=errno.ESRCH) from exc
         try:
             return _pidfd_getfd(pidfd, number)
         except OSError as exc:
             raise PeerError(f"fd {number} of process {self.tgid}: {exc.strerror}", errno=errno.EBADF) from exc
         finally:
-            os.close(pidfd)
+            if pidfd != self.pidfd:
+                os.close(pidfd)
 
     def map_file(self, addr: int, length: int) -> tuple[int, int]:
         """(fd, file offset) of the shared file mapping holding [addr, addr+length) whole in the caller.
@@ -94,29 +105,19 @@ class TargetMemory:
         return fd, offset + addr - start
 
     def read(self, addr: int, length: int) -> bytes:
-        try:
-            with open(f"/proc/{self.tid}/mem", "rb", buffering=0) as mem:
-                mem.seek(addr)
-                data = mem.read(length)
-        except (OSError, ValueError, OverflowError) as exc:
-            raise PeerError(
-                f"cannot read {length} bytes at {addr:#x} in thread {self.tid}", errno=errno.EFAULT
-            ) from exc
-        if len(data) != length:
-            raise PeerError(f"short read at {addr:#x} in thread {self.tid}", errno=errno.EFAULT)
-        return data
+        if length == 0:
+            return b""
+        buffer = ctypes.create_string_buffer(length)
+        if _vm_copy(_process_vm_readv, self.tid, ctypes.addressof(buffer), addr, length) != length:
+            raise PeerError(f"cannot read {length} bytes at {addr:#x} in thread {self.tid}", errno=errno.EFAULT)
+        return buffer.raw
 
     def write(self, addr: int, data: bytes) -> None:
-        try:
-            with open(f"/proc/{self.tid}/mem", "r+b", buffering=0) as mem:
-                mem.seek(addr)
-                written = mem.write(data)
-        except (OSError, ValueError, OverflowError) as exc:
-            raise PeerError(
-                f"cannot write {len(data)} bytes at {addr:#x} in thread {self.tid}", errno=errno.EFAULT
-            ) from exc
-        if written != len(data):
-            raise PeerError(f"short write at {addr:#x} in thread {self.tid}", errno=errno.EFAULT)
+        if not data:
+            return
+        buffer = ctypes.create_string_buffer(bytes(data), len(data))
+        if _vm_copy(_process_vm_writev, self.tid, ctypes.addressof(buffer), addr, len(data)) != len(data):
+            raise PeerError(f"cannot write {len(data)} bytes at {addr:#x} in thread {self.tid}", errno=errno.EFAULT)
 
     def read_string(self, addr: int, limit: int = _PATH_MAX) -> bytes:
         """A NUL-terminated string, read in page-bounded pieces so a string near unmapped memory still reads."""
@@ -133,6 +134,25 @@ class TargetMemory:
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_PIDFD_GETFD = 438
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_process_vm_readv = _libc.process_vm_readv
+_process_vm_writev = _libc.process_vm_writev
+for _fn in (_process_vm_readv, _process_vm_writev):
+    _fn.restype = ctypes.c_ssize_t
+    _fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def _vm_copy(call: ctypes._CFuncPtr, tid: int, local: int, remote: int, length: int) -> int:
+    """Bytes copied between our ``local`` buffer and the thread's ``remote`` address; -1 on a fault."""
+    if remote < 0 or remote + length > 1 << 64:
+        return -1
+    ours, theirs = _Iovec(local, length), _Iovec(remote, length)
+    return call(tid, ctypes.byref(ours), 1, ctypes.byref(theirs), 1, 0)
 
 
 def _pidfd_getfd(pidfd: int, number: int) -> int:
@@ -200,9 +220,18 @@ class Supervisor:
         self.open_nodes: dict[tuple[int, int], NodeHandler] = {}  # (tgid, fd) -> handler
         self.calls = 0  # trapped calls answered, and the time spent answering them
         self.busy_seconds = 0.0
-        self.calls_by_syscall: dict[str, int] = {}  # openat counts every open: most are passed on untouched
+        self.passed = 0  # of those, calls let through untouched (openat of other paths, ioctls on other fds)
+        self.calls_by_syscall: dict[str, int] = {}  # openat counts the opens for writing (read-only ones never trap)
+        self.seconds_by_syscall: dict[str, float] = {}
         self._closed = False
-        rules = [seccomp.Rule("openat"), seccomp.Rule("ioctl", ioctl_type=0xAF)]
+        self._tgids: dict[int, int] = {}  # thread -> its process, as last seen (checked at each use)
+        # openat: only opens for writing (O_WRONLY or O_RDWR, the access mode bits) can be of a node: a VMM opens
+        # /dev/vhost-vdpa-N O_RDWR, and the read-only opens (shared libraries, Python's imports, config files:
+        # nearly all of a program's opens) then run without a round trip through here.
+        rules = [
+            seccomp.Rule("openat", arg_any_bits=(2, os.O_WRONLY | os.O_RDWR)),
+            seccomp.Rule("ioctl", ioctl_type=0xAF),
+        ]
         for i in range(MAX_NODES):
             rules += [seccomp.Rule(call, arg0=FIRST_NODE_FD + i) for call in ("write", "close")]
         if netlink is not None:
@@ -286,7 +315,9 @@ class Supervisor:
         except Exception:  # a bug here must not leave the target blocked forever
             log.exception("answering %s", notification)
             seccomp.respond(self.listener, notification.id, error=errno.EIO)
-        self.busy_seconds += time.perf_counter() - started
+        spent = time.perf_counter() - started
+        self.busy_seconds += spent
+        self.seconds_by_syscall[name] = self.seconds_by_syscall.get(name, 0.0) + spent
 
     def _watch(self, tgid: int) -> None:
         if tgid in self._pidfds.values():
@@ -302,11 +333,27 @@ class Supervisor:
             self.open_nodes.pop(key).close()
 
     def _tgid(self, tid: int) -> int:
+        known = self._tgids.get(tid)
+        if known is not None:
+            try:
+                os.stat(f"/proc/{known}/task/{tid}")  # still that process's thread (a tid may be reused)
+                return known
+            except OSError:
+                del self._tgids[tid]
         with contextlib.suppress(OSError), open(f"/proc/{tid}/status") as status:
             for line in status:
                 if line.startswith("Tgid:"):
-                    return int(line.split()[1])
+                    tgid = self._tgids[tid] = int(line.split()[1])
+                    if len(self._tgids) > 4096:  # threads come and go: forget the oldest
+                        del self._tgids[next(iter(self._tgids))]
+                    return tgid
         raise ProcessLookupError(tid)
+
+    def _pidfd_of(self, tgid: int) -> int | None:
+        for pidfd, holder in self._pidfds.items():
+            if holder == tgid:
+                return pidfd
+        return None
 
     def _answer(self, n: seccomp.Notification) -> None:
         name = _SYSCALL_NAMES.get(n.nr)
@@ -319,9 +366,10 @@ class Supervisor:
                 self._openat(n, TargetMemory(n.pid))
                 return
             tgid = self._tgid(n.pid)
-            memory = TargetMemory(n.pid, tgid)
             handler = self.open_nodes.get((tgid, n.args[0] & 0xFFFFFFFF))
+            memory = TargetMemory(n.pid, tgid, self._pidfd_of(tgid))
             if handler is None:
+                self.passed += 1
                 seccomp.respond_continue(self.listener, n.id)
                 return
             if name == "close":
@@ -345,6 +393,7 @@ class Supervisor:
         path = memory.read_string(n.args[1]).decode(errors="replace")
         factory = self.nodes.get(path)
         if factory is None or not seccomp.id_valid(self.listener, n.id):
+            self.passed += 1
             seccomp.respond_continue(self.listener, n.id)
             return
         tgid = self._tgid(n.pid)

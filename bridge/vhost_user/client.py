@@ -31,6 +31,13 @@ Errors: a request the back-end refuses raises ``DeviceRequestError`` with the ba
 arrives through REPLY_ACK, or the extension's ``ErrorReply``); a back-end that answers out of turn
 raises ``SessionError``; a broken or silent connection raises ``TransportError`` and the client
 is unusable after it. One connection, one request at a time, under a lock.
+
+``defer_acks=True`` (the vhost-vdpa bridge: bridge/bypass.py) trades those errors for round trips on the
+requests whose vDPA counterpart cannot fail (``DEFERRED``: the kernel's set_vq_num, set_vq_cb, set_vq_ready,
+set_status, set_config, reset are void): they still ask for an ack, but the client does not wait for it; the
+acks are read, in order, before the next request that needs an answer, and a refusal found there is logged
+(and counted in ``deferred_refusals``). The status the client checks transitions against is then its own
+mirror of what it set, not a GET_STATUS per change. Everything else still waits for its answer.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from vdpasim.errors import CodecError, DeviceRequestError, PeerError, SessionError, TransportError, UsageError
 from vdpasim.memory import Region, RegionTable
@@ -77,6 +85,11 @@ _VHOST_TRANSPORT_BITS = 1 << VHOST_F_LOG_ALL | 1 << VHOST_USER_F_PROTOCOL_FEATUR
 # What vhost-vdpa answers for a parent without get_iova_range: everything.
 IOVA_FULL_RANGE = IovaRange(0, (1 << 64) - 1)
 _MAX_CONFIG_CHUNK = m.ConfigSpace.MAX_SIZE
+# Requests whose ack ``defer_acks`` does not wait for: their vDPA counterparts cannot fail.
+DEFERRED = frozenset(
+    {F.SET_OWNER, F.SET_VRING_NUM, F.SET_VRING_KICK, F.SET_VRING_CALL, F.SET_VRING_ENABLE, F.SET_STATUS,
+     F.SET_CONFIG, F.VDPA_SET_CONFIG_CALL, F.SET_BACKEND_REQ_FD, F.RESET_DEVICE}
+)  # fmt: skip
 
 
 def _signal(call: Call) -> None:
@@ -180,6 +193,7 @@ class VhostUserClient:
         backend_channel: bool = True,
         timeout: float = 30.0,
         name: str = "",
+        defer_acks: bool = False,
     ) -> None:
         if (path is None) == (sock is None):
             raise UsageError("give either the back-end's socket path or a connected socket")
@@ -192,7 +206,12 @@ class VhostUserClient:
         self._backend_thread: threading.Thread | None = None
         self._rings: dict[int, _Ring] = {}
         self._driver_features = 0
-        self._status = 0  # mirror, used when STATUS is not negotiated
+        self._status = 0  # mirror, used when STATUS is not negotiated (and by defer_acks for its checks)
+        self.defer_acks = defer_acks
+        self._pending: list[FrontendRequest] = []  # requests sent whose acks were not read yet (defer_acks)
+        self.deferred_refusals = 0
+        self.sent = 0  # requests sent, and answers waited for (a round trip each): what the bench counts
+        self.waited = 0
         self._generation = 0  # mirror: config changes the back-end channel reported
         self._config_call: Call = None
         self._config_own_call: int | None = None
@@ -300,7 +319,13 @@ class VhostUserClient:
 
     # ----- one request, one answer -----
     def _call(
-        self, request: FrontendRequest, payload: m.Payload | None = None, fds: Sequence[int] = (), *, ack: bool = True
+        self,
+        request: FrontendRequest,
+        payload: m.Payload | None = None,
+        fds: Sequence[int] = (),
+        *,
+        ack: bool = True,
+        defer: bool | None = None,
     ) -> m.Payload | None:
         """Send ``request``; return its reply payload (None for requests without one).
 
@@ -314,23 +339,24 @@ class VhostUserClient:
             reply_type = m.payload_types(request)[1]
             need_reply = reply_type is None and ack and self.negotiated(P.REPLY_ACK)
             message = Message(request, payload if payload is not None else m.Empty(), tuple(fds), need_reply=need_reply)
+            deferred = need_reply and self.defer_acks and (request in DEFERRED if defer is None else defer)
+            if not deferred and self._pending and (reply_type is not None or need_reply):
+                self._drain(stream)
             try:
                 stream.send(message)
+                self.sent += 1
+                if deferred:
+                    self._pending.append(request)
+                    return None
                 if reply_type is None and not need_reply:
                     return None
-                reply = stream.receive()
             except (TransportError, CodecError) as exc:
                 self._broken(f"{request.name}: {exc}")
                 if isinstance(exc, CodecError):
                     raise SessionError(f"{request.name}: malformed reply from the back-end: {exc}") from exc
                 raise
-            if reply is None:
-                self._broken(f"the back-end closed the connection during {request.name}")
-                raise TransportError(f"the back-end closed the connection during {request.name}", reconnect=True)
-            close_fds(reply.fds)  # no reply we ask for carries fds; never keep what we did not ask for
-            if not reply.reply or reply.request is not request:
-                self._broken(f"answer {reply.request.name} to {request.name}")
-                raise SessionError(f"the back-end answered {request.name} with {reply.request.name}")
+            self.waited += 1
+            reply = self._receive(stream, request)
         if isinstance(reply.payload, m.ErrorReply):
             raise DeviceRequestError(f"{request.name} refused by the back-end", errno=reply.payload.errno)
         if need_reply:
@@ -343,6 +369,94 @@ class VhostUserClient:
                 )
             return None
         return reply.payload
+
+    def _receive(self, stream: MessageStream, request: FrontendRequest) -> Message:
+        """The back-end's answer to ``request`` (lock held)."""
+        try:
+            reply = stream.receive()
+        except (TransportError, CodecError) as exc:
+            self._broken(f"{request.name}: {exc}")
+            if isinstance(exc, CodecError):
+                raise SessionError(f"{request.name}: malformed reply from the back-end: {exc}") from exc
+            raise
+        if reply is None:
+            self._broken(f"the back-end closed the connection during {request.name}")
+            raise TransportError(f"the back-end closed the connection during {request.name}", reconnect=True)
+        close_fds(reply.fds)  # no reply we ask for carries fds; never keep what we did not ask for
+        if not reply.reply or reply.request is not request:
+            self._broken(f"answer {reply.request.name} to {request.name}")
+            raise SessionError(f"the back-end answered {request.name} with {reply.request.name}")
+        return reply
+
+    def _drain(self, stream: MessageStream) -> None:
+        """Read the acks of the deferred requests, in order (lock held); log the refusals."""
+        pending, self._pending = self._pending, []
+        for request in pending:
+            reply = self._receive(stream, request)
+            code = reply.payload.value if isinstance(reply.payload, m.U64) else errno.EIO
+            if code:
+                self.deferred_refusals += 1
+                self.log.warning("%s refused by the back-end (code %d), after the caller went on", request.name, code)
+
+    def _call_many(self, calls: Sequence[tuple[FrontendRequest, m.Payload | None]]) -> list[m.Payload]:
+        """Requests that each have a reply, sent back to back: their replies, in order, for one round trip."""
+        with self._lock:
+            stream = self._stream
+            if stream is None:
+                raise TransportError(f"{self.name}: not connected")
+            if self._pending:
+                self._drain(stream)
+            for request, payload in calls:
+                if m.payload_types(request)[1] is None:
+                    raise UsageError(f"{request.name} has no reply to pipeline")
+                try:
+                    stream.send(Message(request, payload if payload is not None else m.Empty()))
+                except (TransportError, CodecError) as exc:
+                    self._broken(f"{request.name}: {exc}")
+                    raise TransportError(f"{request.name}: {exc}") from exc
+                self.sent += 1
+            self.waited += 1
+            replies = [self._receive(stream, request) for request, _ in calls]
+        for (request, _), reply in zip(calls, replies, strict=True):
+            if isinstance(reply.payload, m.ErrorReply):
+                raise DeviceRequestError(f"{request.name} refused by the back-end", errno=reply.payload.errno)
+        return [reply.payload for reply in replies]
+
+    def device_facts(self) -> dict[str, Any]:
+        """The device's constants in one round trip (vDPA extension), keyed by the DeviceOps that reads each:
+        a bridge asks them once instead of once per ioctl. Empty without the extension."""
+        if not self.negotiated(P.VDPA):
+            return {}
+        names = {
+            "get_device_id": F.VDPA_GET_DEVICE_ID,
+            "get_vendor_id": F.VDPA_GET_VENDOR_ID,
+            "get_vq_num_max": F.VDPA_GET_VRING_NUM,
+            "get_config_size": F.VDPA_GET_CONFIG_SIZE,
+            "get_group_num": F.VDPA_GET_GROUP_NUM,
+            "get_as_num": F.VDPA_GET_AS_NUM,
+            "get_backend_features": F.VDPA_GET_BACKEND_FEATURES,
+        }
+        replies = self._call_many([(request, None) for request in (*names.values(), F.VDPA_GET_IOVA_RANGE)])
+        facts: dict[str, Any] = {}
+        for name, reply in zip(names, replies, strict=False):
+            assert isinstance(reply, m.U64)
+            facts[name] = reply.value
+        span = replies[-1]
+        assert isinstance(span, m.IovaRange)
+        facts["get_iova_range"] = IovaRange(span.first, span.last)
+        return facts
+
+    def config_snapshot(self, size: int) -> tuple[bytes, int]:
+        """(the whole config space of ``size`` bytes, its generation), in one round trip where the extension allows."""
+        if not self.negotiated(P.VDPA) or not 0 < size <= _MAX_CONFIG_CHUNK:
+            return self.get_config(0, size), self.get_generation()
+        config, generation = self._call_many(
+            [(F.GET_CONFIG, m.ConfigSpace(0, size, 0, bytes(size))), (F.VDPA_GET_CONFIG_GENERATION, None)]
+        )
+        assert isinstance(config, m.ConfigSpace) and isinstance(generation, m.U64)
+        if config.size != size or config.offset != 0:
+            raise DeviceRequestError(f"{self.name}: the back-end refused config read 0+{size}")
+        return config.data, generation.value
 
     def _u64(self, request: FrontendRequest) -> int:
         reply = self._call(request)
@@ -497,7 +611,7 @@ class VhostUserClient:
 
     def set_driver_features(self, features: int) -> None:
         with self._lock:
-            if self.get_status() & VIRTIO_CONFIG_S_FEATURES_OK:
+            if self._checked_status() & VIRTIO_CONFIG_S_FEATURES_OK:
                 raise DeviceRequestError(f"{self.name}: driver features are frozen once FEATURES_OK is set")
             if not 0 <= features < 1 << 64:
                 raise DeviceRequestError(f"{self.name}: driver features {features:#x} do not fit 64 bits")
@@ -505,6 +619,10 @@ class VhostUserClient:
 
     def get_driver_features(self) -> int:
         return self._driver_features
+
+    def _checked_status(self) -> int:
+        """The status transitions are checked against: the device's, or with defer_acks what we set."""
+        return self._status if self.defer_acks else self.get_status()
 
     def get_status(self) -> int:
         if self.negotiated(P.STATUS):
@@ -518,7 +636,7 @@ class VhostUserClient:
                 return
             if not 0 < status <= 0xFF:
                 raise DeviceRequestError(f"{self.name}: status {status:#x} is not a byte")
-            current = self.get_status()
+            current = self._checked_status()
             reason = status_change_error(current, status)
             if reason:
                 raise DeviceRequestError(f"{self.name}: {reason}")
@@ -527,8 +645,7 @@ class VhostUserClient:
                 status &= ~(VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
             if self.negotiated(P.STATUS):
                 self._call(F.SET_STATUS, m.U64(status))
-            else:
-                self._status = status
+            self._status = status
 
     def _send_features(self) -> bool:
         """SET_FEATURES with the proposed driver features; False if the back-end refused them."""
@@ -638,7 +755,8 @@ class VhostUserClient:
         fds = [self._fd_of(region) for region in table.regions]
         with self._lock:
             if len(regions) <= MAX_MEM_REGIONS:
-                self._call(F.SET_MEM_TABLE, m.MemoryTable(tuple(regions)), fds)
+                # An empty table (a reset's clean map) cannot fail on a vDPA device: no need to wait for it.
+                self._call(F.SET_MEM_TABLE, m.MemoryTable(tuple(regions)), fds, defer=not regions)
             elif self.negotiated(P.CONFIGURE_MEM_SLOTS):
                 for region in self._sent_regions:
                     self._call(F.REM_MEM_REG, m.SingleMemoryRegion(region))

@@ -166,19 +166,24 @@ class ReplayingClient:
         reconnect_seconds: float = 30.0,
         wait_seconds: float = 2.0,
         connect: Callable[[], VhostUserClient] | None = None,
+        facts: dict[tuple[Any, ...], Any] | None = None,
     ) -> None:
         self.path = path
         self.name = name or os.path.basename(path)
         self.reconnect_seconds = reconnect_seconds
         self.wait_seconds = wait_seconds
-        self._connect = connect or (lambda: VhostUserClient(path, name=self.name))
+        # defer_acks: the vhost-vdpa side never learns of a refusal of a request whose kernel op cannot fail.
+        self._connect = connect or (lambda: VhostUserClient(path, name=self.name, defer_acks=True))
         self.stats = ReplayStats()
         self._lock = threading.RLock()
         self._up = threading.Event()
         self._closing = threading.Event()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._record = _Record()
-        self._cache: dict[tuple[Any, ...], Any] = {}
+        self._status_unsure = False  # the record's FEATURES_OK awaits the device's word (set_status)
+        # The device's constant facts; ``facts`` shares them between the opens of one node (the same device
+        # comes back on the path: the replay assumes it too).
+        self._cache: dict[tuple[Any, ...], Any] = {} if facts is None else facts
         self._config: bytearray | None = None
         self._generation = 0
         self._down_at = 0.0
@@ -204,17 +209,28 @@ class ReplayingClient:
     def connected(self) -> bool:
         return self._client is not None
 
+    @property
+    def connection(self) -> VhostUserClient:
+        """The vhost-user client in use (or last used): its ``sent``/``waited`` counters say what an open cost."""
+        return self._client or self._last
+
     def _attach(self, client: VhostUserClient) -> None:
         """Make ``client`` the current connection (lock held, or in __init__)."""
         self._watch_fd = os.dup(client.fileno())
-        self._client = client
+        self._client = self._last = client
         self._up.set()
 
     def _snapshot_config(self, client: VhostUserClient) -> None:
         try:
+            if not self._cache:  # the device's constants, all in one round trip (a node shares them: bypass.py)
+                for name, value in client.device_facts().items():
+                    self._cache[(name,)] = value
             size = self._const(client, "get_config_size")
-            self._config = bytearray(client.get_config(0, size)) if size else bytearray()
-            self._generation = client.get_generation()
+            if size:
+                config, self._generation = client.config_snapshot(size)
+                self._config = bytearray(config)
+            else:
+                self._config, self._generation = bytearray(), client.get_generation()
         except (PeerError, VdpasimError) as exc:
             if isinstance(exc, TransportError):
                 raise
@@ -338,6 +354,7 @@ class ReplayingClient:
 
     def _replay(self, client: VhostUserClient) -> None:
         record = self._record
+        self._status_unsure = False  # replayed as recorded: a refused FEATURES_OK is refused again
         running = bool(record.status & VIRTIO_CONFIG_S_DRIVER_OK)
         bases: dict[int, VqState] = {}
         for idx, queue in record.queues.items():
@@ -534,7 +551,13 @@ class ReplayingClient:
         with self._lock:
             if self.stats.gave_up:
                 return self._record.status | VIRTIO_CONFIG_S_NEEDS_RESET
-            return self._forward("get_status", offline=lambda: self._record.status)
+            status = self._forward("get_status", offline=lambda: _OFFLINE)
+            if status is _OFFLINE:
+                return self._record.status
+            if self._status_unsure:
+                self._record.status = status & ~VIRTIO_CONFIG_S_NEEDS_RESET
+                self._status_unsure = False
+            return status
 
     def set_status(self, status: int) -> None:
         if status == 0:
@@ -545,14 +568,16 @@ class ReplayingClient:
                 reason = status_change_error(self._record.status, status)
                 if reason:
                     raise PeerError(f"{self.name}: {reason}")
+            adds = bool(status & ~self._record.status & VIRTIO_CONFIG_S_FEATURES_OK)
             done = self._forward("set_status", status, offline=lambda: _OFFLINE)
-            if done is _OFFLINE:
-                self._record.status = status
-            else:  # a refused FEATURES_OK is dropped by the client: keep what the device took
-                self._record.status = self._forward("get_status", offline=lambda: status)
+            self._record.status = status
+            # The device may not keep FEATURES_OK (the client drops it with refused features): the next status
+            # read says what it took, so no read here (a VMM reads it back anyway, virtio §3.1.1 step 6).
+            self._status_unsure = done is not _OFFLINE and (adds or self._status_unsure)
 
     def reset(self) -> None:
         self._setter("reset", self._record.reset)
+        self._status_unsure = False
 
     def get_config_size(self) -> int:
         return self._const(None, "get_config_size")
@@ -590,6 +615,23 @@ class ReplayingClient:
 
     def get_iova_range(self) -> IovaRange:
         return self._const(None, "get_iova_range")
+
+    def get_group_num(self) -> int:
+        return self._const(None, "get_group_num")
+
+    def get_as_num(self) -> int:
+        return self._const(None, "get_as_num")
+
+    def get_backend_features(self) -> int:
+        return self._const(None, "get_backend_features")
+
+    def get_vq_group(self, idx: int) -> int:
+        """A device fact for the negotiated features (a group may depend on them, e.g. a control queue's)."""
+        with self._lock:
+            key = ("get_vq_group", idx, self._record.features)
+            if key not in self._cache:
+                self._cache[key] = self._forward("get_vq_group", idx)
+            return self._cache[key]
 
     def suspend(self) -> None:
         self._setter("suspend", lambda: setattr(self._record, "suspended", True))

@@ -74,7 +74,14 @@ Deliberate differences from the kernel:
 * Only address space 0 is the device's memory (DeviceOps.set_map has no asid); mappings in other address
   spaces are kept and checked but not handed on.
 * A device operation that raises where the kernel's op cannot fail (SET_VRING_NUM, SET_VRING_CALL,
-  SET_VRING_ENABLE) reports its errno instead of being ignored.
+  SET_VRING_ENABLE) reports its errno instead of being ignored. (Over the bypass's vhost-user bridge those
+  requests are not waited for, so there a refusal is only logged, as the kernel would ignore it.)
+
+Cost: the status is kept once known (``_driver_bits``): only the driver moves FEATURES_OK and DRIVER_OK, so
+the FEATURES_OK / DRIVER_OK checks of SET_FEATURES and of every vring ioctl do not ask the device, which over
+the bridge is a vhost-user round trip each. A SET_STATUS is checked against the kept status before DRIVER_OK
+(no ring runs yet, so the device cannot have set NEEDS_RESET) and against the device's own afterwards;
+GET_STATUS always asks the device; a status that adds FEATURES_OK is asked again (the device may refuse it).
 """
 
 from __future__ import annotations
@@ -230,6 +237,7 @@ class VhostVdpaServer:
         self._err: list[int | None] = [None] * self.nvqs
         self._busyloop = [0] * self.nvqs
         self._config_call: int | None = None
+        self._known: int | None = None  # the device's status as far as the server knows it (_driver_bits)
         self._reset("open")
 
     def _probe(self, name: str, default: int) -> int:
@@ -294,14 +302,32 @@ class VhostVdpaServer:
                 self.stats.seconds += time.perf_counter() - start
 
     def _status(self) -> int:
-        return self.ops.get_status() & 0xFF
+        """The device's status, read from it (it may have set NEEDS_RESET on its own)."""
+        status = self._known = self.ops.get_status() & 0xFF
+        return status
+
+    def _driver_bits(self) -> int:
+        """The status for FEATURES_OK / DRIVER_OK checks. Only the driver sets or clears those two bits (the
+        device adds NEEDS_RESET at most), so once the server knows the status it asks the device no more:
+        over the bridge each ask is a vhost-user round trip, and the vring ioctls check DRIVER_OK each time."""
+        return self._known if self._known is not None else self._status()
+
+    def _status_before_change(self) -> int:
+        """The status a SET_STATUS is checked against: the mirror before DRIVER_OK (no ring runs, so the device
+        cannot have set NEEDS_RESET), the device's own afterwards."""
+        known = self._known
+        if known is not None and not known & VIRTIO_CONFIG_S_DRIVER_OK:
+            return known
+        return self._status()
 
     def _backend_has(self, bit: int) -> bool:
         return bool(self.acked_backend_features >> bit & 1)
 
     def _reset(self, why: str, *, clean_map: bool | None = None) -> None:
         """vdpa_reset: the device forgets its state, and its map unless IOTLB_PERSIST was acked."""
+        self._known = None
         self.ops.reset()
+        self._known = 0
         self.suspended = False
         self._features_valid = False
         if clean_map is None:
@@ -381,15 +407,18 @@ class VhostVdpaServer:
 
     def _set_status(self, arg: int, caller: Caller) -> int:
         (status,) = _U8.unpack(caller.read(arg, 1))
-        old = self._status()
-        if status != 0 and old & ~status:
-            raise PeerError(f"status {status:#x} clears bits {old & ~status:#x} of {old:#x}", errno=errno.EINVAL)
         if status == 0:
             self._reset("status 0")
             return 0
+        old = self._status_before_change()
+        if old & ~status:
+            raise PeerError(f"status {status:#x} clears bits {old & ~status:#x} of {old:#x}", errno=errno.EINVAL)
+        # A device may refuse FEATURES_OK (and then keeps neither it nor DRIVER_OK): ask it next time.
+        self._known = None if status & ~old & VIRTIO_CONFIG_S_FEATURES_OK else status
         try:
             self.ops.set_status(status)
         except PeerError as exc:  # vdpa_set_status cannot fail: the driver reads the status back
+            self._known = None
             log.info("%s: the device did not take status %#x: %s", self.name, status, exc)
         return 0
 
@@ -428,7 +457,7 @@ class VhostVdpaServer:
         return self._put(caller, arg, _U64, self.ops.get_device_features() & _U64_MAX)
 
     def _set_features(self, arg: int, caller: Caller) -> int:
-        if self._status() & VIRTIO_CONFIG_S_FEATURES_OK:
+        if self._driver_bits() & VIRTIO_CONFIG_S_FEATURES_OK:
             raise PeerError("features are frozen once FEATURES_OK is set", errno=errno.EBUSY)
         (features,) = _U64.unpack(caller.read(arg, 8))
         self._features_valid = True
@@ -480,7 +509,7 @@ class VhostVdpaServer:
         return self._put(caller, arg, _U32, self.nvqs)
 
     def _suspend(self, arg: int, caller: Caller) -> int:
-        if not self._status() & VIRTIO_CONFIG_S_DRIVER_OK:
+        if not self._driver_bits() & VIRTIO_CONFIG_S_DRIVER_OK:
             return 0
         if not supports(self.ops, "suspend"):
             raise PeerError("the device cannot suspend", errno=errno.EOPNOTSUPP)
@@ -489,7 +518,7 @@ class VhostVdpaServer:
         return 0
 
     def _resume(self, arg: int, caller: Caller) -> int:
-        if not self._status() & VIRTIO_CONFIG_S_DRIVER_OK:
+        if not self._driver_bits() & VIRTIO_CONFIG_S_DRIVER_OK:
             return 0
         if not supports(self.ops, "resume"):
             raise PeerError("the device cannot resume", errno=errno.EOPNOTSUPP)
@@ -534,12 +563,22 @@ class VhostVdpaServer:
 
     # ----- vring ioctls (vhost_vdpa_vring_ioctl, then vhost_vring_ioctl) -----
     def _vring_ioctl(self, request: int, arg: int, caller: Caller) -> int:
-        (idx,) = _U32.unpack(caller.read(arg, 4))
+        # The kernel reads the index (4 bytes), then the whole argument. One read of 8 bytes serves both for the
+        # vhost_vring_state requests; where it faults, the index alone is read, so errors come in the kernel's order.
+        try:
+            head: bytes | None = caller.read(arg, 8)
+        except PeerError:
+            head = None
+        (idx,) = _U32.unpack_from(head) if head is not None else _U32.unpack(caller.read(arg, 4))
         if idx >= self.nvqs:
             raise PeerError(f"ring {idx}: the device has {self.nvqs}", errno=errno.ENOBUFS)
+
+        def state() -> int:  # the vhost_vring_state's num
+            return a.VHOST_VRING_STATE.unpack(head if head is not None else caller.read(arg, 8))[1]
+
         ops = self.ops
         if request == a.VHOST_VDPA_SET_VRING_ENABLE:
-            _, num = a.VHOST_VRING_STATE.unpack(caller.read(arg, 8))
+            num = state()
             ops.set_vq_ready(idx, bool(num))
             return 0
         if request in (a.VHOST_VDPA_GET_VRING_GROUP, a.VHOST_VDPA_GET_VRING_DESC_GROUP):
@@ -551,7 +590,7 @@ class VhostVdpaServer:
                 raise PeerError(f"ring {idx} in group {group} of {self.ngroups}", errno=errno.EIO)
             return self._put(caller, arg, a.VHOST_VRING_STATE, idx, group)
         if request == a.VHOST_VDPA_SET_GROUP_ASID:
-            _, asid = a.VHOST_VRING_STATE.unpack(caller.read(arg, 8))
+            asid = state()
             if asid >= self.nas:
                 raise PeerError(f"address space {asid} of {self.nas}", errno=errno.EINVAL)
             if not supports(ops, "set_group_asid"):
@@ -563,9 +602,9 @@ class VhostVdpaServer:
                 raise PeerError("the device has no get_vq_size", errno=errno.EOPNOTSUPP)
             return self._put(caller, arg, a.VHOST_VRING_STATE, idx, ops.get_vq_size(idx) & 0xFFFFFFFF)  # type: ignore[attr-defined]
         packed = bool(ops.get_driver_features() >> VIRTIO_F_RING_PACKED & 1)
-        running = bool(self._status() & VIRTIO_CONFIG_S_DRIVER_OK) and not self.suspended
+        running = bool(self._driver_bits() & VIRTIO_CONFIG_S_DRIVER_OK) and not self.suspended
         if request == a.VHOST_SET_VRING_NUM:
-            _, num = a.VHOST_VRING_STATE.unpack(caller.read(arg, 8))
+            num = state()
             if not num or num > 0xFFFF or num & (num - 1):
                 raise PeerError(f"ring {idx}: size {num} is not a power of 2 up to 32768", errno=errno.EINVAL)
             ops.set_vq_num(idx, num)
@@ -573,7 +612,7 @@ class VhostVdpaServer:
         if request == a.VHOST_SET_VRING_ADDR:
             return self._set_vring_addr(idx, arg, caller, running)
         if request == a.VHOST_SET_VRING_BASE:
-            _, num = a.VHOST_VRING_STATE.unpack(caller.read(arg, 8))
+            num = state()
             if not packed and num > 0xFFFF:
                 raise PeerError(f"ring {idx}: split base {num:#x} over 0xffff", errno=errno.EINVAL)
             if running:
@@ -585,9 +624,9 @@ class VhostVdpaServer:
             num = state.encode() if isinstance(state, PackedState) else state.last_avail & 0xFFFF
             return self._put(caller, arg, a.VHOST_VRING_STATE, idx, num)
         if request in (a.VHOST_SET_VRING_KICK, a.VHOST_SET_VRING_CALL, a.VHOST_SET_VRING_ERR):
-            return self._set_vring_file(request, idx, arg, caller)
+            return self._set_vring_file(request, idx, arg, caller, head)
         if request == VHOST_SET_VRING_BUSYLOOP_TIMEOUT:
-            self._busyloop[idx] = a.VHOST_VRING_STATE.unpack(caller.read(arg, 8))[1]
+            self._busyloop[idx] = state()
             return 0
         if request == VHOST_GET_VRING_BUSYLOOP_TIMEOUT:
             return self._put(caller, arg, a.VHOST_VRING_STATE, idx, self._busyloop[idx])
@@ -616,8 +655,9 @@ class VhostVdpaServer:
             raise PeerError(f"fd {number} is not an eventfd", errno=errno.EINVAL)
         return fd
 
-    def _set_vring_file(self, request: int, idx: int, arg: int, caller: Caller) -> int:
-        _, number = a.VHOST_VRING_FILE.unpack(caller.read(arg, a.VHOST_VRING_FILE.size))
+    def _set_vring_file(self, request: int, idx: int, arg: int, caller: Caller, head: bytes | None) -> int:
+        raw = head if head is not None and a.VHOST_VRING_FILE.size == 8 else caller.read(arg, a.VHOST_VRING_FILE.size)
+        _, number = a.VHOST_VRING_FILE.unpack(raw)
         fd = None if number == a.VHOST_FILE_UNBIND else self._take_eventfd(number, caller)
         table = {a.VHOST_SET_VRING_KICK: self._kick, a.VHOST_SET_VRING_CALL: self._call}.get(request, self._err)
         try:

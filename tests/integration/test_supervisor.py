@@ -173,3 +173,34 @@ def test_a_node_held_by_a_dying_process_is_released() -> None:
         assert ToyNode.closed - before == 2  # the dead child's open, then the parent's at its exit
     finally:
         supervisor.close()
+
+
+def test_only_opens_for_writing_are_trapped() -> None:
+    """The filter traps openat only with O_WRONLY or O_RDWR: a program's read-only opens (its libraries, its
+    imports) never wait for the supervisor, and a node opened read-only is simply not there."""
+    node = ToyNode()
+    program = textwrap.dedent(
+        """
+        import os
+        for _ in range(20):
+            os.close(os.open("/proc/self/comm", os.O_RDONLY | os.O_CLOEXEC))
+        try:
+            os.open("/dev/vhost-vdpa-0", os.O_RDONLY)
+        except FileNotFoundError:
+            print("read-only: not found", flush=True)
+        fd = os.open("/dev/vhost-vdpa-0", os.O_RDWR)
+        print("read-write", fd, flush=True)
+        os.close(os.open("/dev/null", os.O_WRONLY))
+        """
+    )
+    supervisor = Supervisor([sys.executable, "-c", program], {"/dev/vhost-vdpa-0": node}, stdout=-1, stderr=-1)
+    try:
+        out, err = supervisor.process.communicate(timeout=60)
+        assert supervisor.process.returncode == 0, err.decode()
+        assert out.decode().splitlines() == ["read-only: not found", f"read-write {FIRST_NODE_FD}"]
+        supervisor.wait(10)
+        # the node's open and /dev/null's (passed on); none of the interpreter's many read-only opens
+        assert supervisor.calls_by_syscall["openat"] == 2
+        assert supervisor.passed >= 1
+    finally:
+        supervisor.close()

@@ -70,6 +70,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     _output_options(blk)
     blk.set_defaults(handler=_blk)
 
+    bypass = verbs.add_parser(
+        "bypass",
+        help="the vhost-vdpa bypass: control-plane cost per device start, data path against vhost-user direct",
+        description="A harness (a VMM and a compiled guest driver) starts a daemon's loopback net device through "
+        "/dev/vhost-vdpa-N under the supervisor and through its vhost-user socket: traps and time per device "
+        "start, then frames per second through each door, alternating runs, medians.",
+    )
+    bypass.add_argument("--size", type=int, action="append", help="Ethernet frame bytes (repeatable; default 64, 1500)")
+    bypass.add_argument("--runs", type=int, default=5, help="traffic alternations per frame size (default 5)")
+    bypass.add_argument("--starts", type=int, default=10, help="device starts measured per door (default 10)")
+    bypass.add_argument("--seconds", type=float, default=2.0, help="measured seconds per traffic run (default 2)")
+    bypass.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
+    bypass.set_defaults(handler=_bypass)
+
 
 def _output_options(verb: argparse.ArgumentParser) -> None:
     verb.add_argument("--json", action="store_true", help="print a JSON list (one object per case) instead of a table")
@@ -90,5 +104,11 @@ def _e2e(args: argparse.Namespace) -> int:
 
 def _blk(args: argparse.Namespace) -> int:
     from .blk import command
+
+    return command(args)
+
+
+def _bypass(args: argparse.Namespace) -> int:
+    from .bypass import command
 
     return command(args)
