@@ -292,21 +292,33 @@ def frontend_run(
         ports = int(front.expect(_STARTED, start_timeout).group(1))
         if ports != 1:
             raise front.error("no port: the virtio_user device did not probe")
+        # The first frames may wait for the back-end's kernels to compile (a cold cache): seconds.
+        deadline = time.monotonic() + start_timeout
+        while _received(front) == 0:
+            if time.monotonic() > deadline:
+                raise front.error(f"no frame came back within {start_timeout:.0f} s")
+            time.sleep(0.1)
         time.sleep(warmup)
         front.send("show port stats 0")  # starts testpmd's interval
         front.expect(_PPS, 10)
         time.sleep(seconds)
         front.send("show port stats 0")
-        received = int(front.expect(_RX_PACKETS, 10).group(1))
+        front.expect(_RX_PACKETS, 10)
         pps = int(front.expect(_PPS, 10).group(1))
-        if received == 0:
-            raise front.error("no frame came back")
         front.send("stop")
         front.send("quit")
         return pps / 1e6
     finally:
         front.close()
         _remove_runtime_dir(prefix)
+
+
+def _received(front: Testpmd) -> int:
+    """Frames the front-end port has received so far."""
+    front.send("show port stats 0")
+    received = int(front.expect(_RX_PACKETS, 10).group(1))
+    front.expect(_PPS, 10)  # the rest of the report, so the next command's answer is read, not this one's
+    return received
 
 
 # --- the vdpasim side ---

@@ -122,7 +122,7 @@ def net_tx_burst(txq_state, rxq_state, rows, iov_tx, iov_rx, scratch, params, bu
             break
         # Only with traffic: an idle poll must not touch lines the driver is about to write.
         vq_prefetch(txq, rows, PREFETCH_AHEAD, 0)
-        vq_prefetch(rxq, rows, PREFETCH_AHEAD, 1)
+        vq_prefetch(rxq, rows, PREFETCH_AHEAD, 0)  # read, not write: a prefetchw steals the line from the driver
         done += 1
         frame_len = iov_length(iov_tx, 0, readable) - hdr_len
         if frame_len < _ETH_HLEN:
