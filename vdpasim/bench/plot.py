@@ -7,6 +7,7 @@ benchmarks are judged by (compare inside one run, never absolute figures across 
 from __future__ import annotations
 
 import statistics
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def plot_medians(
             ax.annotate(f"{ratio:.2f}x", (i, tops[i]), textcoords="offset points", xytext=(0, 4), ha="center")
     ax.set_xticks(range(len(cases)), cases)
     ax.set_ylabel(unit)
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     ax.margins(y=0.15)
     ax.legend(fontsize=8)
     fig.tight_layout()
