@@ -10,16 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vdpasim.jit.net import (
-    P_HDR_LEN,
-    P_MAC_COUNT,
-    P_MAC_TABLE,
-    P_MERGEABLE,
-    P_TX_IN_ORDER,
-    SCRATCH_BYTES,
-    net_poll,
-    new_net_params,
-)
+from vdpasim.jit.net import P_HDR_LEN, P_MAC_COUNT, P_MAC_TABLE, P_MERGEABLE, SCRATCH_BYTES, net_poll, new_net_params
 from vdpasim.rings.state import RingStatus
 from vdpasim.testing.driver import DriverQueue, GuestMemory, make_device_queue
 from vdpasim.testing.net import VNET_HDR, ethernet
@@ -59,7 +50,7 @@ def pair(request):
             )
             return RingStatus(status), done, bool(notify_tx), bool(notify_rx)
 
-        yield rxq, txq, tx, poll, interrupt, params
+        yield rxq, txq, tx, poll, interrupt
 
 
 def post(rxq: DriverQueue, txq: DriverQueue, frames: int) -> None:
@@ -69,7 +60,7 @@ def post(rxq: DriverQueue, txq: DriverQueue, frames: int) -> None:
 
 
 def test_raised_interrupt_returns_before_touching_the_rings(pair) -> None:
-    rxq, txq, _, poll, interrupt, _ = pair
+    rxq, txq, _, poll, interrupt = pair
     rxq.set_no_interrupt(True)
     txq.set_no_interrupt(True)
     post(rxq, txq, 10)
@@ -83,7 +74,7 @@ def test_raised_interrupt_returns_before_touching_the_rings(pair) -> None:
 
 
 def test_kicks_are_turned_off_and_the_burst_limit_yields(pair) -> None:
-    rxq, txq, _, poll, _, _ = pair
+    rxq, txq, _, poll, _ = pair
     rxq.set_no_interrupt(True)
     txq.set_no_interrupt(True)
     post(rxq, txq, 12)
@@ -93,38 +84,16 @@ def test_kicks_are_turned_off_and_the_burst_limit_yields(pair) -> None:
 
 
 def test_returns_to_notify_when_the_driver_wants_interrupts(pair) -> None:
-    rxq, txq, _, poll, _, _ = pair
+    rxq, txq, _, poll, _ = pair
     post(rxq, txq, 3)
     assert poll(budget=2) == (RingStatus.OK, 2, True, True)  # the first burst asks for both interrupts
     assert len(rxq.used()) == 2
 
 
 def test_a_ring_fault_stops_the_loop(pair) -> None:
-    rxq, txq, tx, poll, _, _ = pair
+    rxq, txq, tx, poll, _ = pair
     rxq.add([], [2048])
     txq.add_segments([(1 << 40, 100, False)])  # outside guest memory
     status, done, _, _ = poll()
     assert status == RingStatus.ADDR_OUT_OF_RANGE and done == 0
     assert tx.record["error"] == RingStatus.ADDR_OUT_OF_RANGE
-
-
-def test_in_order_tx_completions(pair) -> None:
-    """VIRTIO_F_IN_ORDER: a packed TX burst comes back as one used descriptor naming its last buffer,
-    in the burst's first slot; a split ring still names every buffer. Either way the driver gets all."""
-    rxq, txq, _, poll, _, params = pair
-    params[P_TX_IN_ORDER] = 1
-    txq.in_order = True
-    rxq.set_no_interrupt(True)
-    txq.set_no_interrupt(True)
-    post(rxq, txq, 5)
-    first = txq.next_used if txq.packed else 0
-    assert poll(budget=8) == (RingStatus.OK, 5, False, False)
-    if txq.packed:
-        desc = txq.desc_addr + 16 * first
-        assert txq.memory.read_u16(desc + 12) == 4  # the id of the fifth buffer, in the first slot
-        untouched = [txq.memory.read_u16(txq.desc_addr + 16 * (first + k) + 12) for k in range(1, 5)]
-        assert untouched == [1, 2, 3, 4]  # the driver's own ids: the device wrote nothing there
-    else:
-        assert txq.used_idx() == 5
-    assert [u.id for u in txq.used()] == [0, 1, 2, 3, 4]
-    assert len(rxq.used()) == 5  # RX buffers carry lengths: never batched

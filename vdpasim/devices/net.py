@@ -42,7 +42,6 @@ from ..jit.net import (
     P_PEER_IP,
     P_PEER_MAC,
     P_PROMISC,
-    P_TX_IN_ORDER,
     SCRATCH_BYTES,
     net_poll,
     net_tx_burst,
@@ -188,7 +187,6 @@ class NetDevice(SimDevice):
         params = self.params
         params[P_HDR_LEN] = c.VIRTIO_NET_HDR_LEN  # modern only: always the v1 header
         params[P_MERGEABLE] = self._negotiated >> c.VIRTIO_NET_F_MRG_RXBUF & 1
-        params[P_TX_IN_ORDER] = self._negotiated >> c.VIRTIO_F_IN_ORDER & 1
         params[P_MODE] = MODE_RESPONDER if self.config.mode == "responder" else MODE_LOOPBACK
         params[P_PEER_IP] = self.config.peer_ip_int
         params[P_PEER_MAC] = _mac_int(self.config.peer_mac)

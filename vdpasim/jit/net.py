@@ -34,7 +34,6 @@ __all__ = [
     "net_poll",
     "net_tx_discard",
     "SCRATCH_BYTES",
-    "P_TX_IN_ORDER",
 ]
 
 MODE_LOOPBACK, MODE_RESPONDER = 0, 1
@@ -43,8 +42,7 @@ MODE_LOOPBACK, MODE_RESPONDER = 0, 1
 P_HDR_LEN, P_MERGEABLE, P_MODE, P_PROMISC, P_PEER_IP, P_PEER_MAC, P_MAC_COUNT, P_ALLMULTI = range(8)
 P_MAC_TABLE = 8  # MAC addresses as 48-bit integers (network order), the device MAC first
 MAC_TABLE_SIZE = 64
-P_TX_IN_ORDER = P_MAC_TABLE + MAC_TABLE_SIZE  # packed ring with VIRTIO_F_IN_ORDER: one TX used entry per burst
-NET_PARAMS = P_TX_IN_ORDER + 1
+NET_PARAMS = P_MAC_TABLE + MAC_TABLE_SIZE
 
 # Chains ahead whose descriptors are fetched (buffers: half as far), so cache misses on the driver's
 # lines overlap rather than stall one frame at a time.
@@ -113,9 +111,6 @@ def net_tx_burst(txq_state, rxq_state, rows, iov_tx, iov_rx, scratch, params, bu
     status = _OK
     done = 0
     rx_pushed = 0
-    batch = params[P_TX_IN_ORDER] and txq.packed and not txq.inflight
-    batch_id = 0
-    batch_ndesc = 0  # ring descriptors of the TX chains completed but not yet pushed (batch only)
     while done < budget:
         status, head, ndesc, _, readable = vq_pop(txq, rows, iov_tx)
         if status != _OK:
@@ -127,21 +122,21 @@ def net_tx_burst(txq_state, rxq_state, rows, iov_tx, iov_rx, scratch, params, bu
         frame_len = iov_length(iov_tx, 0, readable) - hdr_len
         if frame_len < _ETH_HLEN:
             txq.errors += 1
-            batch_id, batch_ndesc = _tx_used(txq, head, ndesc, batch, batch_id, batch_ndesc)
+            vq_push(txq, head, ndesc, 0)
             continue
         txq.packets += 1
         txq.bytes += frame_len
         if params[P_MODE] == MODE_RESPONDER:
             iov_gather(iov_tx, 0, readable, hdr_len, scratch_addr, min(frame_len, scratch.shape[0]))
             reply_len = _respond(scratch_addr, min(frame_len, scratch.shape[0]), params)
-            batch_id, batch_ndesc = _tx_used(txq, head, ndesc, batch, batch_id, batch_ndesc)
+            vq_push(txq, head, ndesc, 0)
             if reply_len == 0:
                 continue
             src, src_first, src_last, src_skip, length = _scratch_as_iov(scratch_addr, reply_len, iov_tx)
         else:
             if not _accepts(params, _destination(iov_tx, readable, hdr_len, scratch_addr)):
                 rxq.drops += 1
-                batch_id, batch_ndesc = _tx_used(txq, head, ndesc, batch, batch_id, batch_ndesc)
+                vq_push(txq, head, ndesc, 0)
                 continue
             src, src_first, src_last, src_skip, length = iov_tx, 0, readable, hdr_len, frame_len
         rx_status, buffers = _receive(rxq, rows, iov_rx, src, src_first, src_last, src_skip, length, params)
@@ -153,30 +148,17 @@ def net_tx_burst(txq_state, rxq_state, rows, iov_tx, iov_rx, scratch, params, bu
         else:
             rx_pushed += buffers
         if params[P_MODE] != MODE_RESPONDER:
-            batch_id, batch_ndesc = _tx_used(txq, head, ndesc, batch, batch_id, batch_ndesc)
+            vq_push(txq, head, ndesc, 0)
         if rx_status == _EMPTY:
             status = _NO_BUFFER
             break
     if status == _EMPTY:
         status = _OK
-    if batch_ndesc:
-        vq_push(txq, batch_id, batch_ndesc, 0)
     vq_publish(txq)
     vq_publish(rxq)
     notify_tx = done > 0 and vq_needs_notify(txq)
     notify_rx = rx_pushed > 0 and vq_needs_notify(rxq)
     return status, done, notify_tx, notify_rx
-
-
-@kernel(inline=True)
-def _tx_used(txq, head, ndesc, batch, batch_id, batch_ndesc):
-    """A TX chain is done. In a batch (packed, IN_ORDER) it is not pushed yet: the burst ends with one
-    used descriptor naming its last buffer and covering them all, which the driver takes for the whole
-    batch (VIRTIO 1.2 §2.8, "In-order"), so it reads one descriptor where it read one per frame."""
-    if batch:
-        return head, batch_ndesc + ndesc
-    vq_push(txq, head, ndesc, 0)
-    return batch_id, batch_ndesc
 
 
 @kernel

@@ -19,7 +19,7 @@ Pieces:
 * ``GuestMemory(size, guest_addr)``: one anonymous region in a ``RegionTable`` (``.table``) plus a
   first-fit allocator (``alloc``/``free``) and ``read``/``write``/``read_u16``/``write_u16``...
   ``extra_regions`` adds more regions, e.g. a read-only one: ``[(guest_addr, size, writable)]``.
-* ``DriverQueue(memory, size, *, packed, event_idx, indirect, in_order, start, wrap)``: allocates and zeroes the
+* ``DriverQueue(memory, size, *, packed, event_idx, indirect, start, wrap)``: allocates and zeroes the
   ring areas (``desc_addr``, ``driver_addr``, ``device_addr``) and drives them:
 
   - ``add(readable, writable, *, indirect=False) -> id``: allocates buffers (readable ones filled
@@ -240,7 +240,6 @@ class DriverQueue:
         packed: bool = False,
         event_idx: bool = False,
         indirect: bool = False,
-        in_order: bool = False,
         start: int = 0,
         wrap: int = 1,
     ) -> None:
@@ -253,7 +252,6 @@ class DriverQueue:
         self.packed = packed
         self.event_idx = event_idx
         self.indirect = indirect
-        self.in_order = in_order  # VIRTIO_F_IN_ORDER: a packed used descriptor may stand for a batch
         desc_len, driver_len, device_len = ring_area_sizes(size, packed)
         # Alignments of VIRTIO 1.2 §2.7 (16/2/4) and §2.8.10 (16/4/4).
         self.desc_addr = memory.alloc(desc_len, 16)
@@ -532,30 +530,18 @@ class DriverQueue:
             # Used: both bits equal the driver's used wrap counter (§2.8.1).
             if bool(flags & VIRTQ_DESC_F_AVAIL) != self.used_wrap or bool(flags & VIRTQ_DESC_F_USED) != self.used_wrap:
                 break
-            buffer_id = self.memory.read_u16(desc + 12)
-            if self.in_order and buffer_id in self._inflight:
-                # One used descriptor may stand for every buffer made available before the one it names
-                # (VIRTIO 1.2 §2.8, "In-order"): those come back first, having had nothing written.
-                for older in list(self._inflight):
-                    if older == buffer_id:
-                        break
-                    out.append(self._complete_packed(older, 0))
             # len is reserved (and ignored) unless the device set WRITE (§2.8.4).
             length = self.memory.read_u32(desc + 8) if flags & VIRTQ_DESC_F_WRITE else 0
-            out.append(self._complete_packed(buffer_id, length))
+            buffer, entry = self._complete(self.memory.read_u16(desc + 12), length)
+            self._free_ids.append(buffer.id)
+            self._slots_in_use -= entry.ndesc
+            position = self.next_used + entry.ndesc
+            if position >= self.size:
+                position -= self.size
+                self.used_wrap ^= 1
+            self.next_used = position
+            out.append(buffer)
         return out
-
-    def _complete_packed(self, buffer_id: int, length: int) -> UsedBuffer:
-        """Take back ``buffer_id`` and skip the ring slots it occupied."""
-        buffer, entry = self._complete(buffer_id, length)
-        self._free_ids.append(buffer.id)
-        self._slots_in_use -= entry.ndesc
-        position = self.next_used + entry.ndesc
-        if position >= self.size:
-            position -= self.size
-            self.used_wrap ^= 1
-        self.next_used = position
-        return buffer
 
     # --- notifications ---
     def kick_wanted(self) -> bool:

@@ -164,7 +164,6 @@ class NetDriver:
                 packed=self.has(c.VIRTIO_F_RING_PACKED),
                 event_idx=self.has(c.VIRTIO_RING_F_EVENT_IDX),
                 indirect=self.has(c.VIRTIO_RING_F_INDIRECT_DESC),
-                in_order=self.has(c.VIRTIO_F_IN_ORDER),
             )
             self.queues[idx] = dq
             self.kick_fds[idx] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
