@@ -39,12 +39,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     e2e.add_argument("--ring", choices=("split", "packed"), action="append", help="ring layout (repeatable)")
     e2e.add_argument("--size", type=int, action="append", help="Ethernet frame bytes (repeatable; default 64, 1500)")
-    e2e.add_argument("--runs", type=int, default=5, help="alternations per case (default 5)")
-    e2e.add_argument("--seconds", type=float, default=2.0, help="measured seconds per run (default 2)")
-    e2e.add_argument("--warmup", type=float, default=1.0, help="seconds of traffic before each measurement (default 1)")
-    e2e.add_argument(
-        "--no-busy-poll", action="store_true", help="run the vdpasim device on kicks instead of busy-polling"
-    )
+    _alternation_options(e2e, warmup=1.0, what="traffic")
     e2e.add_argument(
         "--no-huge", action="store_true", help="run the testpmds on plain memory even where hugepages can be reserved"
     )
@@ -60,13 +55,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     blk.add_argument("--op", choices=("read", "write"), action="append", help="random read or write (repeatable)")
     blk.add_argument("--qd", type=int, action="append", help="queue depth (repeatable; default 32, 1)")
-    blk.add_argument("--runs", type=int, default=5, help="alternations per case (default 5)")
-    blk.add_argument("--seconds", type=float, default=2.0, help="measured seconds per run (default 2)")
-    blk.add_argument("--warmup", type=float, default=0.5, help="seconds of I/O before each measurement (default 0.5)")
+    _alternation_options(blk, warmup=0.5, what="I/O")
     blk.add_argument("--disk-mib", type=int, default=128, help="disk size in MiB, both back-ends (default 128)")
-    blk.add_argument(
-        "--no-busy-poll", action="store_true", help="run the vdpasim device on kicks instead of busy-polling"
-    )
     _output_options(blk)
     blk.set_defaults(handler=_blk)
 
@@ -83,6 +73,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bypass.add_argument("--seconds", type=float, default=2.0, help="measured seconds per traffic run (default 2)")
     bypass.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
     bypass.set_defaults(handler=_bypass)
+
+
+def _alternation_options(verb: argparse.ArgumentParser, *, warmup: float, what: str) -> None:
+    """The options of a bench that alternates a vdpasim device with a peer back-end."""
+    verb.add_argument("--runs", type=int, default=5, help="alternations per case (default 5)")
+    verb.add_argument("--seconds", type=float, default=2.0, help="measured seconds per run (default 2)")
+    verb.add_argument(
+        "--warmup", type=float, default=warmup, help=f"seconds of {what} before each measurement (default {warmup:g})"
+    )
+    verb.add_argument(
+        "--no-busy-poll", action="store_true", help="run the vdpasim device on kicks instead of busy-polling"
+    )
 
 
 def _output_options(verb: argparse.ArgumentParser) -> None:

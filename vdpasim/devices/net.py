@@ -247,13 +247,7 @@ class NetDevice(SimDevice):
         status, done, notify_tx, notify_rx = net_tx_burst(
             tx.state, rx.state, memory.rows, tx.iov, rx.iov, self._scratch_for(pair), self.params, BURST
         )
-        if notify_tx:
-            self.notify(tx.index)
-        if notify_rx:
-            self.notify(rx.index)
-        if status >= _FAULT or tx.record["error"] or rx.record["error"]:
-            self.check_queue(tx)
-            self.check_queue(rx)
+        if not self._signal_or_fail(tx, rx, status, notify_tx, notify_rx):
             return False
         if done == BURST:
             return True
@@ -278,6 +272,11 @@ class NetDevice(SimDevice):
             POLL_BURSTS,
             POLL_IDLE,
         )
+        # Back to notify: go on at once. Otherwise it yielded, went idle or was interrupted.
+        return self._signal_or_fail(tx, rx, status, notify_tx, notify_rx) and bool(notify_tx or notify_rx)
+
+    def _signal_or_fail(self, tx: Virtqueue, rx: Virtqueue, status: int, notify_tx: bool, notify_rx: bool) -> bool:
+        """After a pair's kernel: signal the driver as it asked; False if a queue faulted (NEEDS_RESET)."""
         if notify_tx:
             self.notify(tx.index)
         if notify_rx:
@@ -286,7 +285,7 @@ class NetDevice(SimDevice):
             self.check_queue(tx)
             self.check_queue(rx)
             return False
-        return notify_tx or notify_rx  # it stopped to notify: go on at once
+        return True
 
     def _discard_pair(self, pair: int, tx: Virtqueue, rx: Virtqueue, rows: np.ndarray) -> bool:
         """A queue of the pair is disabled: consume TX, deliver nothing (the RX queue is never written)."""
