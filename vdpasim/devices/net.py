@@ -8,9 +8,10 @@ served; the driver raises that with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (§5.1.6.5.5
 A kick on a transmit queue or on its receive queue runs the compiled ``net_tx_burst`` for that pair
 (RX buffers arriving can unblock frames that overran). A busy-polling device instead runs ``net_poll``
 on each pair's transmit queue: the polling loop itself is compiled and comes back to Python only to
-notify, on a fault, to give other queues a turn, or when the control plane interrupts it. The counters are the kernel vdpa_sim_net's
-vstats, read from the queue records: the "rx ..." ones from receive queues, the "tx ..." ones from
-transmit queues, the "cvq ..." ones from the control queue.
+notify, on a fault, to give other queues a turn, or when the control plane interrupts it.
+
+The counters are the kernel vdpa_sim_net's vstats, read from the queue records: the "rx ..." ones from
+receive queues, the "tx ..." ones from transmit queues, the "cvq ..." ones from the control queue.
 
 A pair one of whose queues is disabled (``set_vq_enabled``, vhost-user SET_VRING_ENABLE 0) is served
 without side effects, as the vhost-user spec asks of a disabled ring: TX frames are consumed and
