@@ -292,7 +292,7 @@ static struct pop split_pop(struct vq *q, struct mem m, struct iov iov)
         return r;
     }
     fence_acquire();
-    int64_t head = load_u16(q->driver + 4 + 2 * (q->last_avail % q->size));
+    int64_t head = load_u16(q->driver + 4 + 2 * (q->last_avail & (q->size - 1)));  /* sizes are powers of two */
     struct walk w;
     r.status = split_walk(q, m, head, iov, &w);
     r.head = head;
@@ -307,7 +307,7 @@ static struct pop split_pop(struct vq *q, struct mem m, struct iov iov)
 
 static inline void split_push(struct vq *q, int64_t head, int64_t written)
 {
-    int64_t elem = q->device + 4 + 8 * (q->used_idx % q->size);
+    int64_t elem = q->device + 4 + 8 * (q->used_idx & (q->size - 1));
     store_u32(elem, head);
     store_u32(elem + 4, written);
     q->used_idx = (q->used_idx + 1) & 0xFFFF;
