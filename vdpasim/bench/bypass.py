@@ -97,6 +97,7 @@ def _driver_kernel() -> Callable[..., int]:
         store_u32,
         store_u64,
     )
+    from .rings import received_wrong
 
     @kernel
     def drive(lay, st, frames, spin_limit):  # pragma: no cover - compiled
@@ -156,12 +157,7 @@ def _driver_kernel() -> Callable[..., int]:
                 elem = rx_used + 4 + 8 * slot
                 buf = rx_host + BUF_STRIDE * slot
                 seq = load_u64(buf + SEQ_OFFSET)
-                if (
-                    load_u32(elem) != slot
-                    or load_u32(elem + 4) != HDR_LEN + frame_len
-                    or load_u16(buf + 10) != 1
-                    or seq != rx_reaped
-                ):
+                if received_wrong(load_u32(elem), slot, load_u32(elem + 4), HDR_LEN + frame_len, buf, seq, rx_reaped):
                     bad += 1
                 seq_sum += seq
                 rx_reaped += 1

@@ -105,6 +105,14 @@ _NO_BUFFER = int(RingStatus.NO_BUFFER)
 # --- the driver, compiled: the same algorithm as split_loopback/packed_loopback in the C file ---
 
 
+@kernel(inline=True)
+def received_wrong(buffer_id, slot, used_len, expected_len, buf, seq, expected_seq):
+    """The driver's checks of one looped-back frame: the used entry names the slot the frame's RX buffer
+    was posted in, with the header and frame as its length; one buffer (the header's num_buffers); and the
+    sequence number the driver stamped comes back in order. Shared with ``bench bypass``'s driver."""
+    return buffer_id != slot or used_len != expected_len or load_u16(buf + 10) != 1 or seq != expected_seq
+
+
 @kernel
 def _split_loopback(txq_state, rxq_state, rows, iov_tx, iov_rx, scratch, params, lay, bursts, burst, result):
     size = lay[L_SIZE]
@@ -177,12 +185,7 @@ def _split_loopback(txq_state, rxq_state, rows, iov_tx, iov_rx, scratch, params,
             elem = rx_used + 4 + 8 * slot
             buf = rx_host + stride * load_u32(elem)
             seq = load_u64(buf + SEQ_OFFSET)
-            if (
-                load_u32(elem) != slot
-                or load_u32(elem + 4) != HDR_LEN + frame_len
-                or load_u16(buf + 10) != 1
-                or seq != rx_reaped
-            ):
+            if received_wrong(load_u32(elem), slot, load_u32(elem + 4), HDR_LEN + frame_len, buf, seq, rx_reaped):
                 bad += 1
             seq_sum += seq
             rx_last_used = (rx_last_used + 1) & 0xFFFF
@@ -288,12 +291,7 @@ def _packed_loopback(txq_state, rxq_state, rows, iov_tx, iov_rx, scratch, params
             buffer_id = load_u16(desc + 12)
             buf = rx_host + stride * buffer_id
             seq = load_u64(buf + SEQ_OFFSET)
-            if (
-                buffer_id != rx_used
-                or load_u32(desc + 8) != HDR_LEN + frame_len
-                or load_u16(buf + 10) != 1
-                or seq != rx_reaped
-            ):
+            if received_wrong(buffer_id, rx_used, load_u32(desc + 8), HDR_LEN + frame_len, buf, seq, rx_reaped):
                 bad += 1
             seq_sum += seq
             rx_reaped += 1
