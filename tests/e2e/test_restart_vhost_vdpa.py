@@ -107,6 +107,19 @@ def _report(kind: str, restarter: Restarter, extra: str) -> None:
     )
 
 
+def _run_with_restarts(rig: VhostUserRig, make, busy: int, workload: str, args: dict):  # type: ignore[no-untyped-def]
+    """Run ``workload`` in the guest while the device's back-end is restarted; (run, restarter, node server)."""
+    restarter = Restarter(rig, _adopt(rig, make), rig.nodes[NODE], busy=busy)
+    restarter.start()
+    try:
+        run = rig.run(workload, args)
+    finally:
+        restarter.stop.set()
+        restarter.join()
+    (server,) = rig.nodes[NODE].servers
+    return run, restarter, server
+
+
 def _adopt(rig: VhostUserRig, make) -> RestartingBackend:  # type: ignore[no-untyped-def]
     first = rig.backends[0]
     backend = RestartingBackend(make, first.server.path)
@@ -120,15 +133,8 @@ def test_ping_resumes_after_each_of_ten_daemon_restarts(image: GuestImage, tmp_p
     config = NetConfig(name="rs-ping", mode="responder", peer_ip=PEER_IP, mac=MAC)
     with VhostUserRig(image, tmp_path, transport="vhost-vdpa", timeout=240) as rig:
         rig.add_net(config, packed=packed)
-        backend = _adopt(rig, lambda: NetDevice(config))
-        restarter = Restarter(rig, backend, rig.nodes[NODE], busy=6)
-        restarter.start()
-        try:
-            run = rig.run("ping", {"peer": PEER_IP, "addr": GUEST_ADDR, "count": count, "interval": 0.05, "wait": 2})
-        finally:
-            restarter.stop.set()
-            restarter.join()
-        (server,) = rig.nodes[NODE].servers
+        ping_args = {"peer": PEER_IP, "addr": GUEST_ADDR, "count": count, "interval": 0.05, "wait": 2}
+        run, restarter, server = _run_with_restarts(rig, lambda: NetDevice(config), 6, "ping", ping_args)
         stats = server.ops.stats
     assert restarter.error is None, restarter.error
     ping = run.result("ping")
@@ -157,15 +163,8 @@ def test_blk_verify_loses_nothing_across_ten_daemon_restarts(
     config = BlkConfig(name="rs-blk", path=str(disk), num_queues=num_queues)
     with VhostUserRig(image, tmp_path / "logs", transport="vhost-vdpa", timeout=240) as rig:
         rig.add_blk(config, packed=packed)
-        backend = _adopt(rig, lambda: BlkDevice(config))
-        restarter = Restarter(rig, backend, rig.nodes[NODE], busy=50)
-        restarter.start()
-        try:
-            run = rig.run("blk-verify", {"seconds": 24, "offset": 1 << 20, "size": 2 << 20})
-        finally:
-            restarter.stop.set()
-            restarter.join()
-        (server,) = rig.nodes[NODE].servers
+        verify_args = {"seconds": 24, "offset": 1 << 20, "size": 2 << 20}
+        run, restarter, server = _run_with_restarts(rig, lambda: BlkDevice(config), 50, "blk-verify", verify_args)
         stats = server.ops.stats
     assert restarter.error is None, restarter.error
     verify = run.result("blk-verify")
